@@ -1,0 +1,34 @@
+# Developer entry points; CI runs .ci/run (make lint, make test). Everything runs from .venv,
+# which scripts/setup.sh creates (and installs the Debian packages the tests need).
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+# Extra pytest arguments, e.g. make test PYTEST_ARGS='-k harness -x'
+PYTEST_ARGS ?=
+
+.PHONY: all venv test lint demo bench clean
+
+all: lint test
+
+venv:
+	scripts/setup.sh
+
+test: venv
+	$(PYTHON) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check neurond tests
+	$(VENV)/bin/mypy --strict neurond
+
+demo: venv
+	scripts/demo.sh
+
+# Benchmarks are run by hand and never assert on timings.
+bench: venv
+	@set -e; found=; for f in bench/*.py; do \
+		[ -e "$$f" ] || continue; found=1; echo "== $$f"; $(PYTHON) "$$f"; \
+	done; [ -n "$$found" ] || echo "no benchmarks in bench/"
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

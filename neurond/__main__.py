@@ -1,0 +1,4 @@
+from neurond.daemon import main
+import sys
+
+sys.exit(main())

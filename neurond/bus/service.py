@@ -1,0 +1,236 @@
+"""The neurond interfaces on the bus: thin handlers (parse → authorize → core → reply) and the
+signals that follow the core's VMs and jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import Variant
+
+from neurond import __version__, validate
+from neurond.bus.auth import Authorizer
+from neurond.bus.router import Call, Exported, Router
+from neurond.bus.spec import (
+    API_VERSION,
+    JOB,
+    JOB_IFACE,
+    MANAGER,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    ROOT,
+    VM,
+    VM_IFACE,
+)
+from neurond.config import Config
+from neurond.core.jobs import Job, JobManager
+from neurond.core.service import VMService
+from neurond.core.vm import VM as CoreVM
+from neurond.errors import InvalidStateError, LimitExceededError, error_table
+
+# The polkit action of every method that is not a read (API.md, Authorization).
+ACTIONS: dict[tuple[str, str], str] = {
+    (VM, "Start"): "vm-lifecycle",
+    (VM, "Shutdown"): "vm-lifecycle",
+    (VM, "ForceOff"): "vm-lifecycle",
+    (VM, "Reboot"): "vm-lifecycle",
+    (VM, "Reset"): "vm-lifecycle",
+    (VM, "Pause"): "vm-lifecycle",
+    (VM, "Resume"): "vm-lifecycle",
+    (VM, "SetAutostart"): "vm-manage",
+    (JOB, "Cancel"): "cancel-job-other-user",  # only when the caller did not start the job
+}
+READS: frozenset[tuple[str, str]] = frozenset({
+    (MANAGER, "ListVMs"), (MANAGER, "GetVM"), (MANAGER, "ListJobs"), (MANAGER, "ListErrors"),
+    ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+})
+
+VM_PROPS = {
+    "name": "Name", "uuid": "UUID", "state": "State", "reason": "StateReason",
+    "persistent": "Persistent", "autostart": "Autostart", "vcpus": "VCPUs",
+    "memory_mib": "MemoryMiB", "gpu_address": "GPUAddress", "looking_glass": "LookingGlass",
+    "guest_agent": "GuestAgent",
+}
+
+
+def vm_path(uuid: str) -> str:
+    return f"{ROOT}/vm/{uuid.replace('-', '_')}"
+
+
+def job_path(job: Job) -> str:
+    return f"{ROOT}/job/{job.number}"
+
+
+def unwrap(options: dict[str, Variant]) -> dict[str, tuple[str, Any]]:
+    return {k: (v.signature, v.value) for k, v in options.items()}
+
+
+class BusService:
+    """Implements the core's VM and job listeners by exporting objects and emitting signals."""
+
+    def __init__(self, router: Router, auth: Authorizer, config: Config) -> None:
+        self.router = router
+        self.auth = auth
+        self.config = config
+        self.core: VMService | None = None
+        self.jobs: JobManager | None = None
+        self._connected = False
+
+    def attach(self, core: VMService, jobs: JobManager) -> None:
+        self.core, self.jobs = core, jobs
+        self.router.add(ROOT, [Exported(OBJECT_MANAGER_IFACE, dict, {
+            "GetManagedObjects": self._get_managed_objects})], announce=False)
+        self.router.add(MANAGER_PATH, [Exported(MANAGER_IFACE, self._manager_props, {
+            "ListVMs": self._list_vms, "GetVM": self._get_vm, "ListJobs": self._list_jobs,
+            "ListErrors": self._list_errors})])
+
+    def _core(self) -> VMService:
+        assert self.core is not None, "attach() first"
+        return self.core
+
+    # ---- Manager ------------------------------------------------------------------------
+
+    def _manager_props(self) -> dict[str, Any]:
+        return {
+            "APIVersion": API_VERSION,
+            "Version": __version__,
+            "LibvirtURI": self._core().backend.uri,
+            "Connected": self._connected,
+            "Features": [],
+        }
+
+    async def _get_managed_objects(self, call: Call) -> Any:
+        return self.router.managed_objects()
+
+    async def _list_vms(self, call: Call) -> list[list[str]]:
+        return [[v.name, v.uuid, vm_path(v.uuid), v.state.value]
+                for v in self._core().sorted_vms()]
+
+    async def _get_vm(self, call: Call, name_or_uuid: str) -> str:
+        return vm_path(self._core().find(validate.name_or_uuid(name_or_uuid)).uuid)
+
+    async def _list_jobs(self, call: Call) -> list[str]:
+        assert self.jobs is not None
+        return [job_path(j) for j in self.jobs.jobs.values()]
+
+    async def _list_errors(self, call: Call) -> list[list[Any]]:
+        return [list(row) for row in error_table()]
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        self.router.call_timeout = config.timeouts.call_s
+        self.router.calls_per_sender = config.limits.calls_per_sender
+
+    # ---- VMs ----------------------------------------------------------------------------
+
+    def _vm_methods(self, vm: CoreVM) -> dict[str, Callable[..., Awaitable[Any]]]:
+        core = self._core()
+
+        def simple(action: Callable[[CoreVM], Awaitable[None]], name: str) -> Any:
+            async def handler(call: Call) -> None:
+                await self.auth.authorize(call.sender, ACTIONS[(VM, name)], vm.name)
+                await action(vm)
+            return handler
+
+        return {
+            "Start": functools.partial(self._start, vm),
+            "Shutdown": functools.partial(self._shutdown, vm),
+            "SetAutostart": functools.partial(self._set_autostart, vm),
+            "ForceOff": simple(core.force_off, "ForceOff"),
+            "Reboot": simple(core.reboot, "Reboot"),
+            "Reset": simple(core.reset, "Reset"),
+            "Pause": simple(core.pause, "Pause"),
+            "Resume": simple(core.resume, "Resume"),
+        }
+
+    async def _start(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> None:
+        opts = validate.Options(unwrap(options), "Start")
+        paused = opts.bool("paused")
+        opts.done()
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "Start")], vm.name)
+        await self._core().start(vm, paused)
+
+    async def _shutdown(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> str:
+        opts = validate.Options(unwrap(options), "Shutdown")
+        timeout_s = opts.uint("timeout_s", self.config.timeouts.shutdown_s, minimum=1,
+                              maximum=3600)
+        force = opts.bool("force")
+        opts.done()
+        uid = await self.auth.authorize(call.sender, ACTIONS[(VM, "Shutdown")], vm.name)
+        self._check_job_limit(uid)
+        return job_path(await self._core().shutdown(vm, uid, timeout_s, force))
+
+    async def _set_autostart(self, vm: CoreVM, call: Call, enabled: bool) -> None:
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name)
+        await self._core().set_autostart(vm, enabled)
+
+    def _check_job_limit(self, uid: int) -> None:
+        assert self.jobs is not None
+        limit = self.config.limits.jobs_per_sender
+        if self.jobs.count_for_uid(uid) >= limit:
+            raise LimitExceededError(f"User {uid} already runs {limit} jobs; wait for one to end.",
+                                     details={"limit": limit, "uid": uid})
+
+    def vm_added(self, vm: CoreVM) -> None:
+        props = vm.properties
+        self.router.add(vm_path(vm.uuid), [Exported(
+            VM_IFACE, lambda: {VM_PROPS[k]: v for k, v in props().items()},
+            self._vm_methods(vm))])
+
+    def vm_changed(self, vm: CoreVM, changed: dict[str, Any]) -> None:
+        self.router.properties_changed(vm_path(vm.uuid), VM,
+                                       {VM_PROPS[k]: v for k, v in changed.items()})
+
+    def vm_removed(self, vm: CoreVM) -> None:
+        self.router.remove(vm_path(vm.uuid))
+
+    def connection_changed(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            self.router.properties_changed(MANAGER_PATH, MANAGER, {"Connected": connected})
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def _job_props(self, job: Job) -> dict[str, Any]:
+        return {
+            "Operation": job.operation, "State": job.state.value, "Progress": job.progress,
+            "ProgressValid": job.progress_valid, "Bytes": job.bytes,
+            "TotalBytes": job.total_bytes, "Rate": job.rate, "StartTime": job.start_time_us,
+            "Cancelable": job.cancelable, "Objects": [vm_path(u) for u in job.objects],
+            "StartedByUID": job.started_by_uid, "ErrorName": job.error_name,
+            "ErrorMessage": job.error_message,
+        }
+
+    async def _cancel(self, job: Job, call: Call) -> None:
+        uid = await self.auth.uid(call.sender)
+        if uid != job.started_by_uid:
+            await self.auth.authorize(call.sender, ACTIONS[(JOB, "Cancel")])
+        if not job.cancel():
+            raise InvalidStateError(f"Job {job.number} ({job.operation}) has already ended "
+                                    f"({job.state}).", details={"job": job.number})
+
+    def job_added(self, job: Job) -> None:
+        self.router.add(job_path(job), [Exported(
+            JOB_IFACE, functools.partial(self._job_props, job),
+            {"Cancel": functools.partial(self._cancel, job)})])
+
+    def job_changed(self, job: Job, changed: dict[str, Any]) -> None:
+        props = self._job_props(job)
+        names = {"operation": "Operation", "state": "State", "progress": "Progress",
+                 "progress_valid": "ProgressValid", "bytes": "Bytes",
+                 "total_bytes": "TotalBytes", "rate": "Rate", "cancelable": "Cancelable",
+                 "objects": "Objects"}
+        out = {names[k]: props[names[k]] for k in changed if k in names}
+        if "state" in changed and job.error is not None:
+            out["ErrorName"], out["ErrorMessage"] = job.error_name, job.error_message
+        self.router.properties_changed(job_path(job), JOB, out)
+
+    def job_completed(self, job: Job) -> None:
+        self.router.signal(job_path(job), JOB, "Completed", "bss",
+                           [job.error is None, job.error_name, job.error_message])
+
+    def job_removed(self, job: Job) -> None:
+        self.router.remove(job_path(job))

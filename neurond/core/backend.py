@@ -1,0 +1,66 @@
+"""What the core asks of the hypervisor (implemented by neurond.virt), and what it hears back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from neurond.core.states import VMState
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """A snapshot of one libvirt domain, as the core keeps it."""
+
+    uuid: str
+    name: str
+    state: VMState
+    reason: str
+    persistent: bool
+    autostart: bool
+    vcpus: int
+    memory_mib: int
+    gpu_address: str = ""
+    looking_glass: bool = False
+    guest_agent: str = "none"  # connected | disconnected | none
+
+
+class EventSink(Protocol):
+    """The core's side of the backend's events; called on the event loop."""
+
+    def domain_event(self, uuid: str) -> None:
+        """Something about the domain may have changed (defined, started, …): look again."""
+
+    def connection_changed(self, connected: bool) -> None:
+        """The hypervisor connection went down or came (back) up."""
+
+
+class Backend(Protocol):
+    """The hypervisor as the core sees it. Every method raises NeuronError subclasses only."""
+
+    @property
+    def uri(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def list_domains(self) -> list[DomainInfo]: ...
+
+    async def get_domain(self, uuid: str) -> DomainInfo | None:
+        """The domain now, or None when it no longer exists."""
+
+    async def start(self, uuid: str, paused: bool) -> None: ...
+
+    async def shutdown(self, uuid: str) -> None: ...
+
+    async def destroy(self, uuid: str) -> None: ...
+
+    async def suspend(self, uuid: str) -> None: ...
+
+    async def resume(self, uuid: str) -> None: ...
+
+    async def reboot(self, uuid: str) -> None: ...
+
+    async def reset(self, uuid: str) -> None: ...
+
+    async def set_autostart(self, uuid: str, enabled: bool) -> None: ...

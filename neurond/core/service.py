@@ -1,0 +1,260 @@
+"""The VM registry and the lifecycle operations: the core of neurond, with no libvirt or dbus.
+
+Libvirt events are the truth for states: every event makes the VM look again (refreshes of one
+VM are serialised, so their results apply in order). A transition holds the VM's one operation
+slot; an identical call joins it, any other call meanwhile is InvalidState.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from neurond import log
+from neurond.core.backend import Backend, DomainInfo
+from neurond.core.jobs import Job, JobManager
+from neurond.core.states import ALLOWED, Method, VMState
+from neurond.core.vm import VM, Operation
+from neurond.errors import (
+    InvalidStateError,
+    LibvirtConnectionFailedError,
+    NeuronError,
+    TimeoutError_,
+    VMNotFoundError,
+)
+
+_log = logging.getLogger("neurond.core")
+T = TypeVar("T")
+
+
+class VMListener(Protocol):
+    def vm_added(self, vm: VM) -> None: ...
+    def vm_changed(self, vm: VM, changed: dict[str, Any]) -> None: ...
+    def vm_removed(self, vm: VM) -> None: ...
+    def connection_changed(self, connected: bool) -> None: ...
+
+
+class VMService:
+    """Owns every VM object and runs the methods of API.md's state table on them."""
+
+    def __init__(self, backend: Backend, listener: VMListener, jobs: JobManager) -> None:
+        self.backend = backend
+        self.listener = listener
+        self.jobs = jobs
+        self.vms: dict[str, VM] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    def sorted_vms(self) -> list[VM]:
+        return sorted(self.vms.values(), key=lambda v: (v.name, v.uuid))
+
+    def find(self, name_or_uuid: str) -> VM:
+        vm = self.vms.get(name_or_uuid.lower())
+        if vm is None:
+            vm = next((v for v in self.vms.values() if v.name == name_or_uuid), None)
+        if vm is None:
+            raise VMNotFoundError(f"There is no VM named {name_or_uuid!r}.",
+                                  details={"vm": name_or_uuid})
+        return vm
+
+    # ---- following libvirt --------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Make the registry equal libvirt's domain list (start-up and after a reconnect)."""
+        domains = await self.backend.list_domains()
+        seen = set()
+        for info in domains:
+            seen.add(info.uuid)
+            self._apply(info.uuid, info)
+        for uuid in [u for u in self.vms if u not in seen]:
+            self._apply(uuid, None)
+
+    def domain_event(self, uuid: str) -> None:
+        self._schedule_refresh(uuid.lower())
+
+    def connection_changed(self, connected: bool) -> None:
+        self.listener.connection_changed(connected)
+
+    def _schedule_refresh(self, uuid: str) -> asyncio.Task[None]:
+        self._dirty.add(uuid)
+        task = self._refreshing.get(uuid)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh_loop(uuid))
+            self._refreshing[uuid] = task
+        return task
+
+    async def refresh(self, uuid: str) -> None:
+        """Look at the domain again, after everything already scheduled for it."""
+        with contextlib.suppress(NeuronError):
+            await asyncio.shield(self._schedule_refresh(uuid))
+
+    async def _refresh_loop(self, uuid: str) -> None:
+        try:
+            while uuid in self._dirty:
+                self._dirty.discard(uuid)
+                try:
+                    info = await self.backend.get_domain(uuid)
+                except NeuronError as e:
+                    log.log_error(_log, e, f"Could not read domain {uuid}: {e.message}")
+                    return
+                self._apply(uuid, info)
+        finally:
+            del self._refreshing[uuid]
+
+    def _apply(self, uuid: str, info: DomainInfo | None) -> None:
+        vm = self.vms.get(uuid)
+        if info is None:
+            if vm is not None:
+                del self.vms[uuid]
+                vm.removed = True
+                vm.update()
+                _log.info("VM %s is gone", vm.name, extra={"fields": {"NEUROND_VM": vm.name}})
+                self.listener.vm_removed(vm)
+            return
+        if vm is None:
+            vm = VM(info)
+            self.vms[uuid] = vm
+            _log.info("VM %s appeared (%s)", vm.name, vm.state,
+                      extra={"fields": {"NEUROND_VM": vm.name}})
+            self.listener.vm_added(vm)
+            return
+        changed = vm.update(info)
+        if changed:
+            if "state" in changed:
+                _log.info("VM %s is %s (%s)", vm.name, vm.state, vm.reason,
+                          extra={"fields": {"NEUROND_VM": vm.name, "NEUROND_STATE": vm.state}})
+            self.listener.vm_changed(vm, changed)
+
+    def _set_op(self, vm: VM, op: Operation | None) -> None:
+        vm.op = op
+        changed = vm.update()
+        if changed:
+            self.listener.vm_changed(vm, changed)
+
+    # ---- transitions --------------------------------------------------------------------
+
+    def _check(self, vm: VM, method: Method) -> None:
+        if not self.backend.connected:
+            raise LibvirtConnectionFailedError(
+                f"neurond has lost its connection to libvirt ({self.backend.uri}); try again shortly.",
+                details={"uri": self.backend.uri},
+            )
+        if vm.removed:
+            raise VMNotFoundError(f"VM {vm.name!r} no longer exists.", details={"vm": vm.name})
+        if vm.op is not None and vm.op.method is not method:
+            raise InvalidStateError(
+                f"VM {vm.name!r} is busy: a {vm.op.method} is in progress (state {vm.state}).",
+                details={"vm": vm.name, "state": vm.state, "busy": vm.op.method},
+            )
+        if vm.op is None and vm.state not in ALLOWED[method]:
+            raise InvalidStateError(
+                f"Cannot {method} VM {vm.name!r} while it is {vm.state}.",
+                details={"vm": vm.name, "state": vm.state, "method": method},
+            )
+
+    async def _transition(self, vm: VM, method: Method, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action`` as the VM's one transition; an identical call in flight is joined."""
+        self._check(vm, method)
+        if vm.op is not None:
+            joined: T = await asyncio.shield(vm.op.result)
+            return joined
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._set_op(vm, Operation(method, result))
+        try:
+            value = await action()
+        except BaseException as e:
+            result.set_exception(e)
+            result.exception()  # retrieved here: joiners re-raise it, nobody else must
+            raise
+        else:
+            result.set_result(value)
+            return value
+        finally:
+            self._set_op(vm, None)
+            await self.refresh(vm.uuid)
+
+    async def start(self, vm: VM, paused: bool) -> None:
+        await self._transition(vm, Method.START, lambda: self.backend.start(vm.uuid, paused))
+
+    async def pause(self, vm: VM) -> None:
+        await self._transition(vm, Method.PAUSE, lambda: self.backend.suspend(vm.uuid))
+
+    async def resume(self, vm: VM) -> None:
+        await self._transition(vm, Method.RESUME, lambda: self.backend.resume(vm.uuid))
+
+    async def reboot(self, vm: VM) -> None:
+        await self._transition(vm, Method.REBOOT, lambda: self.backend.reboot(vm.uuid))
+
+    async def reset(self, vm: VM) -> None:
+        await self._transition(vm, Method.RESET, lambda: self.backend.reset(vm.uuid))
+
+    async def set_autostart(self, vm: VM, enabled: bool) -> None:
+        self._check(vm, Method.SET_AUTOSTART)
+        await self.backend.set_autostart(vm.uuid, enabled)
+        await self.refresh(vm.uuid)
+
+    async def force_off(self, vm: VM) -> None:
+        op = vm.op
+        if op is not None and op.method is not Method.FORCE_OFF and vm.state in ALLOWED[
+            Method.FORCE_OFF
+        ]:
+            # ForceOff overrides a Shutdown job (which ends cancelled) and waits out a Start.
+            if op.job is not None:
+                op.job.cancel()
+                await op.job.done.wait()
+            else:
+                await asyncio.wait([op.result])
+        await self._transition(vm, Method.FORCE_OFF, lambda: self.backend.destroy(vm.uuid))
+
+    async def shutdown(self, vm: VM, uid: int, timeout_s: int, force: bool) -> Job:
+        """Ask the guest to power off (ACPI); the returned job ends when the VM is off."""
+        self._check(vm, Method.SHUTDOWN)
+        if vm.op is not None:
+            job: Job = await asyncio.shield(vm.op.result)
+            return job
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        op = Operation(Method.SHUTDOWN, result)
+        vm.op = op  # holds the slot; the visible state moves to stopping once ACPI is asked
+        try:
+            await self.backend.shutdown(vm.uuid)
+        except BaseException as e:
+            result.set_exception(e)
+            result.exception()
+            self._set_op(vm, None)
+            raise
+        self._set_op(vm, op)
+
+        async def work(job: Job) -> None:
+            try:
+                await self._await_off(vm, timeout_s, force)
+            finally:
+                self._set_op(vm, None)
+                await self.refresh(vm.uuid)
+
+        op.job = self.jobs.start("shutdown-vm", uid, [vm.uuid], work)
+        result.set_result(op.job)
+        return op.job
+
+    async def _await_off(self, vm: VM, timeout_s: int, force: bool) -> None:
+        off = frozenset({VMState.SHUTOFF})
+        try:
+            await asyncio.wait_for(vm.wait_until(off), timeout_s)
+            return
+        except LookupError:
+            raise VMNotFoundError(f"VM {vm.name!r} disappeared while shutting down.",
+                                  details={"vm": vm.name}) from None
+        except TimeoutError:
+            if not force:
+                raise TimeoutError_(
+                    f"VM {vm.name!r} did not shut down within {timeout_s} s and keeps running; "
+                    "shut it down from inside or use ForceOff.",
+                    details={"vm": vm.name, "timeout_s": timeout_s},
+                ) from None
+        _log.info("VM %s did not shut down within %s s: destroying it", vm.name, timeout_s,
+                  extra={"fields": {"NEUROND_VM": vm.name}})
+        await self.backend.destroy(vm.uuid)

@@ -1,0 +1,121 @@
+"""Validation of untrusted input: VM names, UUIDs and typed readers for ``a{sv}`` options.
+
+The bus layer hands options in as ``{key: (signature, value)}`` (the variant unwrapped), so
+this module needs nothing of dbus. Every reader names the bad key and the expected type.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as _uuid
+from collections.abc import Mapping
+from typing import Any
+
+from neurond.errors import InvalidArgumentError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_STRING = 4096
+MAX_OPTIONS = 64
+
+# D-Bus integer signatures and their ranges; any of them may carry an integer key.
+_INT_SIGS = {"y", "n", "q", "i", "u", "x", "t"}
+
+TypedOptions = Mapping[str, tuple[str, Any]]
+
+
+def _show(value: str, limit: int = 64) -> str:
+    """A caller's string made safe to quote in a message (bounded, printable)."""
+    text = value[:limit].encode("unicode_escape").decode("ascii")
+    return text + ("…" if len(value) > limit else "")
+
+
+def vm_name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise InvalidArgumentError(
+            f"{_show(value)!r} is not a valid VM name: use 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit.",
+            details={"argument": "name"},
+        )
+    return value
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(_uuid.UUID(value)) == value.lower() and len(value) == 36
+    except ValueError:
+        return False
+
+
+def name_or_uuid(value: str) -> str:
+    """A lookup key: a valid VM name or a UUID in canonical form."""
+    if len(value) > 64 and not is_uuid(value):
+        raise InvalidArgumentError(
+            f"{_show(value)!r} is neither a VM name nor a UUID.", details={"argument": "name_or_uuid"}
+        )
+    if is_uuid(value):
+        return value.lower()
+    if not NAME_RE.match(value):
+        raise InvalidArgumentError(
+            f"{_show(value)!r} is neither a VM name nor a UUID.", details={"argument": "name_or_uuid"}
+        )
+    return value
+
+
+class Options:
+    """Typed reader for an ``a{sv}`` argument; ``done()`` rejects keys nobody read."""
+
+    def __init__(self, raw: TypedOptions, what: str) -> None:
+        if len(raw) > MAX_OPTIONS:
+            raise InvalidArgumentError(
+                f"Too many options for {what}: {len(raw)} (at most {MAX_OPTIONS}).",
+                details={"argument": "options"},
+            )
+        self._raw = raw
+        self._what = what
+        self._seen: set[str] = set()
+
+    def _take(self, key: str, expected: str, sigs: set[str]) -> Any:
+        self._seen.add(key)
+        if key not in self._raw:
+            return None
+        sig, value = self._raw[key]
+        if sig not in sigs:
+            raise InvalidArgumentError(
+                f"Option {key!r} of {self._what} must be {expected}, not D-Bus type {sig!r}.",
+                details={"option": key, "signature": sig},
+            )
+        return value
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        value = self._take(key, "a boolean (b)", {"b"})
+        return default if value is None else bool(value)
+
+    def uint(self, key: str, default: int, *, minimum: int = 0, maximum: int = 2**64 - 1) -> int:
+        value = self._take(key, "an integer", _INT_SIGS)
+        if value is None:
+            return default
+        if not minimum <= int(value) <= maximum:
+            raise InvalidArgumentError(
+                f"Option {key!r} of {self._what} must be between {minimum} and {maximum}, not {value}.",
+                details={"option": key, "value": value},
+            )
+        return int(value)
+
+    def str(self, key: str, default: str = "", *, max_length: int = MAX_STRING) -> str:
+        value = self._take(key, "a string (s)", {"s"})
+        if value is None:
+            return default
+        if len(value) > max_length:
+            raise InvalidArgumentError(
+                f"Option {key!r} of {self._what} is longer than {max_length} characters.",
+                details={"option": key},
+            )
+        return str(value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._raw) - self._seen)
+        if unknown:
+            raise InvalidArgumentError(
+                f"Unknown option {_show(unknown[0])!r} for {self._what}.",
+                details={"option": _show(unknown[0])},
+            )

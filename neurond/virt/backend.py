@@ -1,0 +1,269 @@
+"""The libvirt backend: one shared connection, blocking calls in a bounded executor, events.
+
+The only part of neurond that imports libvirt. The connection owner (``run``) opens the
+connection, registers event callbacks, notices its loss (close callback and keepalive) and
+reconnects with capped exponential backoff; the core is told through its EventSink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from neurond import faults, log
+from neurond.core.backend import DomainInfo, EventSink
+from neurond.core.states import from_libvirt
+from neurond.domain.parse import summarize
+from neurond.errors import (
+    LibvirtConnectionFailedError,
+    NeuronError,
+    OperationFailedError,
+    VMNotFoundError,
+    VMStartFailedError,
+    VMStopFailedError,
+)
+from neurond.virt.errors import translate
+
+_log = logging.getLogger("neurond.virt")
+T = TypeVar("T")
+
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+_event_impl_registered = False
+
+
+def register_event_loop() -> None:
+    """Bind libvirt's event loop to asyncio's; once per process, before any connection."""
+    global _event_impl_registered
+    if not _event_impl_registered:
+        libvirt.registerErrorHandler(lambda *_: None, None)  # errors are raised, not printed
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+        _event_impl_registered = True
+
+
+class LibvirtBackend:
+    """Implements neurond.core.backend.Backend on libvirt-python."""
+
+    def __init__(self, uri: str, sink: EventSink, workers: int = 4) -> None:
+        self._uri = uri
+        self._sink = sink
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._conn: libvirt.virConnect | None = None
+        self._callbacks: list[int] = []
+        self._lost = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    # ---- connection owner ---------------------------------------------------------------
+
+    async def run(self, on_connected: Callable[[], Any]) -> None:
+        """Keep the connection up until ``close``; ``on_connected`` runs after every (re)open."""
+        delay = BACKOFF_FIRST_S
+        while not self._stopping:
+            try:
+                await self._open()
+            except NeuronError as e:
+                log.log_error(_log, e, f"Cannot connect to libvirt at {self._uri}; "
+                                       f"retrying in {delay:.1f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), delay)
+                self._lost.clear()
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            delay = BACKOFF_FIRST_S
+            _log.info("Connected to libvirt at %s", self._uri,
+                      extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}})
+            await on_connected()
+            await self._lost.wait()
+            self._lost.clear()
+            if not self._stopping:
+                _log.warning("Lost the connection to libvirt at %s", self._uri,
+                             extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}})
+                await self._drop()
+                self._sink.connection_changed(False)
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def open_() -> libvirt.virConnect:
+            faults.hit("virt.open")
+            return libvirt.open(self._uri)
+
+        try:
+            conn = await loop.run_in_executor(self._executor, open_)
+        except libvirt.libvirtError as e:
+            raise LibvirtConnectionFailedError(
+                f"Cannot connect to libvirt at {self._uri}: {e.get_error_message()}.",
+                details={"uri": self._uri}, cause=e) from None
+        try:
+            # Keepalive notices a dead libvirtd even when idle; local drivers do not support it.
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            conn.registerCloseCallback(self._on_close, None)
+            self._callbacks = [
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                            self._on_lifecycle, None),
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                                            self._on_lifecycle, None),
+            ]
+        except libvirt.libvirtError as e:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            raise LibvirtConnectionFailedError(
+                f"Cannot register for libvirt events at {self._uri}: {e.get_error_message()}.",
+                details={"uri": self._uri}, cause=e) from None
+        self._conn = conn
+
+    def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, *_args: Any) -> None:
+        self._sink.domain_event(dom.UUIDString())
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        self._lost.set()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+
+        def close() -> None:
+            for cb in self._callbacks:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cb)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+        self._callbacks = []
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._lost.set()
+        await self._drop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- calls --------------------------------------------------------------------------
+
+    async def _call(self, point: str, fallback: type[NeuronError], doing: str, vm: str,
+                    fn: Callable[[libvirt.virConnect], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise LibvirtConnectionFailedError(
+                f"Could not {doing}: neurond is not connected to libvirt ({self._uri}).",
+                details={"uri": self._uri})
+
+        def run() -> T:
+            fault = faults.hit(point)
+            if fault is not None:
+                raise libvirt.libvirtError(f"injected libvirt fault at {point}")
+            return fn(conn)
+
+        try:
+            # copy_context: log fields bound by the caller (vm, sender) follow into the thread
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, contextvars.copy_context().run, run)
+        except libvirt.libvirtError as e:
+            err = translate(e, fallback, doing, vm)
+            if isinstance(err, LibvirtConnectionFailedError):
+                self._lost.set()
+            raise err from None
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+        summary = summarize(dom.XMLDesc(0))
+        state, reason = dom.state()
+        ours, reason_name = from_libvirt(state, reason)
+        return DomainInfo(
+            uuid=summary.uuid, name=summary.name, state=ours, reason=reason_name,
+            persistent=bool(dom.isPersistent()), autostart=bool(dom.autostart()),
+            vcpus=summary.vcpus, memory_mib=summary.memory_mib,
+            gpu_address=summary.gpu_address, looking_glass=summary.looking_glass,
+            guest_agent=summary.guest_agent,
+        )
+
+    async def list_domains(self) -> list[DomainInfo]:
+        def list_(conn: libvirt.virConnect) -> list[DomainInfo]:
+            out = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    out.append(self._info(dom))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise  # a domain undefined while we list it is simply gone
+            return out
+
+        return await self._call("virt.list", OperationFailedError, "list the domains", "", list_)
+
+    async def get_domain(self, uuid: str) -> DomainInfo | None:
+        def get(conn: libvirt.virConnect) -> DomainInfo | None:
+            try:
+                return self._info(conn.lookupByUUIDString(uuid))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        return await self._call("virt.get", OperationFailedError, "read domain", uuid, get)
+
+    async def _on_domain(self, point: str, fallback: type[NeuronError], doing: str, uuid: str,
+                         fn: Callable[[libvirt.virDomain], object]) -> None:
+        def act(conn: libvirt.virConnect) -> None:
+            fn(conn.lookupByUUIDString(uuid))
+
+        try:
+            await self._call(point, fallback, doing, uuid, act)
+        except VMNotFoundError:
+            raise VMNotFoundError(f"Could not {doing}: the VM {uuid} no longer exists.",
+                                  details={"uuid": uuid}) from None
+
+    async def start(self, uuid: str, paused: bool) -> None:
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        await self._on_domain("virt.start", VMStartFailedError, "start", uuid,
+                              lambda d: d.createWithFlags(flags))
+
+    async def shutdown(self, uuid: str) -> None:
+        await self._on_domain("virt.shutdown", VMStopFailedError, "shut down", uuid,
+                              lambda d: d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                              if self._uri.startswith("qemu") else d.shutdown())
+
+    async def destroy(self, uuid: str) -> None:
+        await self._on_domain("virt.destroy", VMStopFailedError, "force off", uuid,
+                              lambda d: d.destroy())
+
+    async def suspend(self, uuid: str) -> None:
+        await self._on_domain("virt.suspend", OperationFailedError, "pause", uuid,
+                              lambda d: d.suspend())
+
+    async def resume(self, uuid: str) -> None:
+        await self._on_domain("virt.resume", OperationFailedError, "resume", uuid,
+                              lambda d: d.resume())
+
+    async def reboot(self, uuid: str) -> None:
+        await self._on_domain("virt.reboot", OperationFailedError, "reboot", uuid,
+                              lambda d: d.reboot(0))
+
+    async def reset(self, uuid: str) -> None:
+        await self._on_domain("virt.reset", OperationFailedError, "reset", uuid,
+                              lambda d: d.reset(0))
+
+    async def set_autostart(self, uuid: str, enabled: bool) -> None:
+        await self._on_domain("virt.set_autostart", OperationFailedError, "set autostart of",
+                              uuid, lambda d: d.setAutostart(1 if enabled else 0))
