@@ -1,4 +1,5 @@
-from neurond.daemon import main
 import sys
+
+from neurond.daemon import main
 
 sys.exit(main())

@@ -91,7 +91,9 @@ def _describe(err: ValidationError) -> tuple[str, str]:
     return field, f"{field}: {first['msg']}"
 
 
-def parse(data: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "") -> Config:
+def parse(
+    data: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = ""
+) -> Config:
     """Build a Config from parsed TOML, with command-line overrides (top-level keys) applied."""
     merged = dict(data)
     merged.update(overrides or {})
@@ -113,7 +115,9 @@ def config_path(explicit: str | None) -> Path:
     return Path(env) if env else DEFAULT_PATH
 
 
-def load(path: Path, overrides: dict[str, Any] | None = None, *, must_exist: bool = False) -> Config:
+def load(
+    path: Path, overrides: dict[str, Any] | None = None, *, must_exist: bool = False
+) -> Config:
     """Read and validate the TOML file; a missing default file means all defaults."""
     try:
         raw = path.read_bytes()

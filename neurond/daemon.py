@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from dbus_fast import BusType, NameFlag, RequestNameReply
@@ -35,21 +34,31 @@ def notify(*lines: str) -> None:
     """sd_notify; a no-op outside systemd (no NOTIFY_SOCKET)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return
-    from systemd import daemon as sd
+    import systemd.daemon as sd
 
     sd.notify("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="neurond", description="The NeuronOS VM daemon (D-Bus).")
-    p.add_argument("--config", help="configuration file (default: $NEUROND_CONFIG or "
-                                     f"{config.DEFAULT_PATH})")
+    p.add_argument(
+        "--config", help=f"configuration file (default: $NEUROND_CONFIG or {config.DEFAULT_PATH})"
+    )
     p.add_argument("--libvirt-uri", help="libvirt connection URI, e.g. qemu:///system")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--system", dest="session", action="store_false", default=False,
-                       help="serve on the system bus (default)")
-    group.add_argument("--session", dest="session", action="store_true",
-                       help="serve on the session bus (development)")
+    group.add_argument(
+        "--system",
+        dest="session",
+        action="store_false",
+        default=False,
+        help="serve on the system bus (default)",
+    )
+    group.add_argument(
+        "--session",
+        dest="session",
+        action="store_true",
+        help="serve on the session bus (development)",
+    )
     p.add_argument("--log-target", choices=["auto", "journal", "console", "json"])
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"neurond {__version__}")
@@ -131,12 +140,18 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(svc))
         watchdog = asyncio.create_task(self._watchdog())
         notify("READY=1", f"STATUS=Serving {len(core.vms)} VMs from {backend.uri}")
-        _log.info("neurond %s ready on the %s bus with %d VMs", __version__,
-                  "session" if self.args.session else "system", len(core.vms))
+        _log.info(
+            "neurond %s ready on the %s bus with %d VMs",
+            __version__,
+            "session" if self.args.session else "system",
+            len(core.vms),
+        )
 
-        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
-        await asyncio.wait([disconnected, asyncio.ensure_future(self.stop_requested.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        await asyncio.wait(
+            [disconnected, asyncio.ensure_future(self.stop_requested.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if disconnected.done():
             _log.error("The bus connection was lost; exiting so that systemd restarts neurond")
             return 1

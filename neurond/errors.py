@@ -24,7 +24,11 @@ class NeuronError(Exception):
     recoverable: ClassVar[bool] = False
 
     def __init__(
-        self, message: str, *, details: dict[str, Any] | None = None, cause: BaseException | None = None
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        cause: BaseException | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -126,7 +130,12 @@ class ChecksumMismatchError(NeuronError):
 class LibvirtConnectionFailedError(NeuronError):
     """libvirt cannot be reached."""
 
-    name, code, number, recoverable = "LibvirtConnectionFailed", "LIBVIRT_CONNECTION_FAILED", 11, True
+    name, code, number, recoverable = (
+        "LibvirtConnectionFailed",
+        "LIBVIRT_CONNECTION_FAILED",
+        11,
+        True,
+    )
 
 
 class GuestAgentUnavailableError(NeuronError):

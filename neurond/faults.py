@@ -38,7 +38,9 @@ def configure(spec: str) -> None:
         point, _, rest = item.partition(":")
         effect, _, arg = rest.partition(":")
         if not point or effect not in EFFECTS:
-            raise InvalidConfigError(f"Bad NEUROND_FAULTS entry {item!r}: want point:{'|'.join(EFFECTS)}.")
+            raise InvalidConfigError(
+                f"Bad NEUROND_FAULTS entry {item!r}: want point:{'|'.join(EFFECTS)}."
+            )
         try:
             seconds = float(arg) if effect == "delay" else 0.0
         except ValueError:

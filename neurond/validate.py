@@ -32,7 +32,8 @@ def _show(value: str, limit: int = 64) -> str:
 def vm_name(value: str) -> str:
     if not NAME_RE.match(value):
         raise InvalidArgumentError(
-            f"{_show(value)!r} is not a valid VM name: use 1 to 64 letters, digits, '_', '.' or '-', "
+            f"{_show(value)!r} is not a valid VM name: use 1 to 64 letters, digits, "
+            "'_', '.' or '-', "
             "starting with a letter or digit.",
             details={"argument": "name"},
         )
@@ -50,13 +51,15 @@ def name_or_uuid(value: str) -> str:
     """A lookup key: a valid VM name or a UUID in canonical form."""
     if len(value) > 64 and not is_uuid(value):
         raise InvalidArgumentError(
-            f"{_show(value)!r} is neither a VM name nor a UUID.", details={"argument": "name_or_uuid"}
+            f"{_show(value)!r} is neither a VM name nor a UUID.",
+            details={"argument": "name_or_uuid"},
         )
     if is_uuid(value):
         return value.lower()
     if not NAME_RE.match(value):
         raise InvalidArgumentError(
-            f"{_show(value)!r} is neither a VM name nor a UUID.", details={"argument": "name_or_uuid"}
+            f"{_show(value)!r} is neither a VM name nor a UUID.",
+            details={"argument": "name_or_uuid"},
         )
     return value
 
@@ -96,7 +99,8 @@ class Options:
             return default
         if not minimum <= int(value) <= maximum:
             raise InvalidArgumentError(
-                f"Option {key!r} of {self._what} must be between {minimum} and {maximum}, not {value}.",
+                f"Option {key!r} of {self._what} must be between {minimum} and {maximum}, "
+                f"not {value}.",
                 details={"option": key, "value": value},
             )
         return int(value)

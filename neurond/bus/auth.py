@@ -31,22 +31,39 @@ class Authorizer:
 
     async def start(self) -> None:
         """Subscribe to NameOwnerChanged so cached uids die with their connections."""
-        await self._bus_call("AddMatch", "s", [
-            f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged'"])
+        await self._bus_call(
+            "AddMatch",
+            "s",
+            [f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged'"],
+        )
 
     def _on_signal(self, msg: Message) -> bool:
-        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                and msg.sender == DBUS and msg.body and not msg.body[2]):
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == DBUS
+            and msg.body
+            and not msg.body[2]
+        ):
             self._uids.pop(msg.body[0], None)
         return False
 
     async def _bus_call(self, member: str, signature: str, body: list[object]) -> Message:
-        reply = await self.bus.call(Message(destination=DBUS, path="/org/freedesktop/DBus",
-                                            interface=DBUS, member=member,
-                                            signature=signature, body=body))
+        reply = await self.bus.call(
+            Message(
+                destination=DBUS,
+                path="/org/freedesktop/DBus",
+                interface=DBUS,
+                member=member,
+                signature=signature,
+                body=body,
+            )
+        )
         if reply is None or reply.message_type is MessageType.ERROR:
-            raise InternalError(f"The bus daemon refused {member}: "
-                                f"{reply.body if reply is not None else 'no reply'}.")
+            raise InternalError(
+                f"The bus daemon refused {member}: "
+                f"{reply.body if reply is not None else 'no reply'}."
+            )
         return reply
 
     async def uid(self, sender: str) -> int:

@@ -36,8 +36,11 @@ _log = logging.getLogger("neurond.bus")
 PROPERTIES = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PEER = "org.freedesktop.DBus.Peer"
-_STANDARD = ("org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable",
-             "org.freedesktop.DBus.Peer")
+_STANDARD = (
+    "org.freedesktop.DBus.Properties",
+    "org.freedesktop.DBus.Introspectable",
+    "org.freedesktop.DBus.Peer",
+)
 _DBUS_ERR = "org.freedesktop.DBus.Error."
 
 
@@ -116,17 +119,22 @@ class Router:
         body = {k: Variant(sigs[k], v) for k, v in changed.items()}
         self._signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, body, []])
 
-    def signal(self, path: str, interface: str, member: str, signature: str,
-               body: list[Any]) -> None:
+    def signal(
+        self, path: str, interface: str, member: str, signature: str, body: list[Any]
+    ) -> None:
         self._signal(path, interface, member, signature, body)
 
-    def _signal(self, path: str, interface: str, member: str, signature: str,
-                body: list[Any]) -> None:
+    def _signal(
+        self, path: str, interface: str, member: str, signature: str, body: list[Any]
+    ) -> None:
         self.bus.send(Message.new_signal(path, interface, member, signature, body))
 
     def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
-        return {path: {name: e.variants() for name, e in ifaces.items()}
-                for path, ifaces in self.objects.items() if path != ROOT}
+        return {
+            path: {name: e.variants() for name, e in ifaces.items()}
+            for path, ifaces in self.objects.items()
+            if path != ROOT
+        }
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -138,9 +146,13 @@ class Router:
             return False  # not ours: dbus-fast answers (UnknownObject/standard interfaces)
         sender = msg.sender or ""
         if self._per_sender.get(sender, 0) >= self.calls_per_sender:
-            self._reply_error(msg, LimitExceededError(
-                f"Too many calls in flight from {sender} (at most {self.calls_per_sender}).",
-                details={"limit": self.calls_per_sender}))
+            self._reply_error(
+                msg,
+                LimitExceededError(
+                    f"Too many calls in flight from {sender} (at most {self.calls_per_sender}).",
+                    details={"limit": self.calls_per_sender},
+                ),
+            )
             return True
         self._per_sender[sender] = self._per_sender.get(sender, 0) + 1
         task = asyncio.ensure_future(self._process(msg))
@@ -171,19 +183,30 @@ class Router:
             except BusError as e:
                 reply = Message.new_error(msg, e.name, e.text)
             except TimeoutError:
-                self._reply_error(msg, TimeoutError_(
-                    f"{msg.member} did not finish within {self.call_timeout:g} s.",
-                    details={"timeout_s": self.call_timeout}))
+                self._reply_error(
+                    msg,
+                    TimeoutError_(
+                        f"{msg.member} did not finish within {self.call_timeout:g} s.",
+                        details={"timeout_s": self.call_timeout},
+                    ),
+                )
                 return
             except asyncio.CancelledError:
-                self._reply_error(msg, CancelledError(
-                    f"{msg.member} was cancelled because neurond is stopping."))
+                self._reply_error(
+                    msg, CancelledError(f"{msg.member} was cancelled because neurond is stopping.")
+                )
                 return
-            except Exception as e:  # the caller gets Internal, the journal gets the traceback
+            except Exception as e:  # noqa: BLE001 - the caller gets Internal, the journal gets the traceback
                 _log.error("Unexpected failure in %s", method, exc_info=True)
-                self._reply_error(msg, InternalError(
-                    f"{msg.member} failed because of an internal error in neurond; "
-                    "the system journal has the details.", cause=e), logged=True)
+                self._reply_error(
+                    msg,
+                    InternalError(
+                        f"{msg.member} failed because of an internal error in neurond; "
+                        "the system journal has the details.",
+                        cause=e,
+                    ),
+                    logged=True,
+                )
                 return
             self._send_reply(msg, reply)
 
@@ -207,8 +230,13 @@ class Router:
             raise BusError("UnknownObject", f"No object at {path}.")
         if iface == PROPERTIES:
             return self._properties(msg, ifaces)
-        exported = ifaces.get(iface) if iface else next(
-            (e for e in ifaces.values() if any(m.name == member for m in e.spec.methods)), None)
+        exported = (
+            ifaces.get(iface)
+            if iface
+            else next(
+                (e for e in ifaces.values() if any(m.name == member for m in e.spec.methods)), None
+            )
+        )
         if exported is None:
             raise BusError("UnknownInterface", f"{path} has no interface {iface}.")
         spec = next((m for m in exported.spec.methods if m.name == member), None)
@@ -216,8 +244,9 @@ class Router:
         if spec is None or handler is None:
             raise BusError("UnknownMethod", f"{exported.spec.name} has no method {member}.")
         if msg.signature != spec.in_signature:
-            raise BusError("InvalidArgs", f"{member} takes ({spec.in_signature}), "
-                           f"not ({msg.signature}).")
+            raise BusError(
+                "InvalidArgs", f"{member} takes ({spec.in_signature}), not ({msg.signature})."
+            )
         await faults.ahit(f"bus.{member}")
         result = await handler(Call(msg, path), *msg.body)
         if spec.out_signature == "":
@@ -237,8 +266,7 @@ class Router:
                 raise BusError("Failed", "This machine has no machine ID.") from None
         raise BusError("UnknownMethod", f"{PEER} has no method {msg.member}({msg.signature}).")
 
-    def _properties(self, msg: Message,
-                    ifaces: dict[str, Exported]) -> tuple[str, list[Any]]:
+    def _properties(self, msg: Message, ifaces: dict[str, Exported]) -> tuple[str, list[Any]]:
         member, sig, body = msg.member, msg.signature, msg.body
         if member == "GetAll" and sig == "s":
             exported = ifaces.get(body[0])
@@ -253,8 +281,10 @@ class Router:
             if member == "Set":
                 raise BusError("PropertyReadOnly", f"{body[1]} is read-only.")
             return "v", [Variant(prop.signature, exported.properties()[prop.name])]
-        raise BusError("UnknownMethod" if member not in ("Get", "GetAll", "Set") else "InvalidArgs",
-                       f"{PROPERTIES}.{member}({sig}) is not a valid call.")
+        raise BusError(
+            "UnknownMethod" if member not in ("Get", "GetAll", "Set") else "InvalidArgs",
+            f"{PROPERTIES}.{member}({sig}) is not a valid call.",
+        )
 
     def introspect(self, path: str) -> str:
         node = ET.Element("node")
@@ -263,8 +293,9 @@ class Router:
         for exported in self.objects.get(path, {}).values():
             node.append(exported.spec.to_xml())
         prefix = path.rstrip("/") + "/"
-        children = sorted({p[len(prefix):].split("/")[0] for p in self.objects
-                           if p.startswith(prefix)})
+        children = sorted(
+            {p[len(prefix) :].split("/")[0] for p in self.objects if p.startswith(prefix)}
+        )
         for child in children:
             ET.SubElement(node, "node", {"name": child})
         return ET.tostring(node, encoding="unicode")

@@ -43,15 +43,27 @@ ACTIONS: dict[tuple[str, str], str] = {
     (VM, "SetAutostart"): "vm-manage",
     (JOB, "Cancel"): "cancel-job-other-user",  # only when the caller did not start the job
 }
-READS: frozenset[tuple[str, str]] = frozenset({
-    (MANAGER, "ListVMs"), (MANAGER, "GetVM"), (MANAGER, "ListJobs"), (MANAGER, "ListErrors"),
-    ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
-})
+READS: frozenset[tuple[str, str]] = frozenset(
+    {
+        (MANAGER, "ListVMs"),
+        (MANAGER, "GetVM"),
+        (MANAGER, "ListJobs"),
+        (MANAGER, "ListErrors"),
+        ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+    }
+)
 
 VM_PROPS = {
-    "name": "Name", "uuid": "UUID", "state": "State", "reason": "StateReason",
-    "persistent": "Persistent", "autostart": "Autostart", "vcpus": "VCPUs",
-    "memory_mib": "MemoryMiB", "gpu_address": "GPUAddress", "looking_glass": "LookingGlass",
+    "name": "Name",
+    "uuid": "UUID",
+    "state": "State",
+    "reason": "StateReason",
+    "persistent": "Persistent",
+    "autostart": "Autostart",
+    "vcpus": "VCPUs",
+    "memory_mib": "MemoryMiB",
+    "gpu_address": "GPUAddress",
+    "looking_glass": "LookingGlass",
     "guest_agent": "GuestAgent",
 }
 
@@ -81,11 +93,30 @@ class BusService:
 
     def attach(self, core: VMService, jobs: JobManager) -> None:
         self.core, self.jobs = core, jobs
-        self.router.add(ROOT, [Exported(OBJECT_MANAGER_IFACE, dict, {
-            "GetManagedObjects": self._get_managed_objects})], announce=False)
-        self.router.add(MANAGER_PATH, [Exported(MANAGER_IFACE, self._manager_props, {
-            "ListVMs": self._list_vms, "GetVM": self._get_vm, "ListJobs": self._list_jobs,
-            "ListErrors": self._list_errors})])
+        self.router.add(
+            ROOT,
+            [
+                Exported(
+                    OBJECT_MANAGER_IFACE, dict, {"GetManagedObjects": self._get_managed_objects}
+                )
+            ],
+            announce=False,
+        )
+        self.router.add(
+            MANAGER_PATH,
+            [
+                Exported(
+                    MANAGER_IFACE,
+                    self._manager_props,
+                    {
+                        "ListVMs": self._list_vms,
+                        "GetVM": self._get_vm,
+                        "ListJobs": self._list_jobs,
+                        "ListErrors": self._list_errors,
+                    },
+                )
+            ],
+        )
 
     def _core(self) -> VMService:
         assert self.core is not None, "attach() first"
@@ -106,8 +137,7 @@ class BusService:
         return self.router.managed_objects()
 
     async def _list_vms(self, call: Call) -> list[list[str]]:
-        return [[v.name, v.uuid, vm_path(v.uuid), v.state.value]
-                for v in self._core().sorted_vms()]
+        return [[v.name, v.uuid, vm_path(v.uuid), v.state.value] for v in self._core().sorted_vms()]
 
     async def _get_vm(self, call: Call, name_or_uuid: str) -> str:
         return vm_path(self._core().find(validate.name_or_uuid(name_or_uuid)).uuid)
@@ -133,6 +163,7 @@ class BusService:
             async def handler(call: Call) -> None:
                 await self.auth.authorize(call.sender, ACTIONS[(VM, name)], vm.name)
                 await action(vm)
+
             return handler
 
         return {
@@ -155,8 +186,7 @@ class BusService:
 
     async def _shutdown(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> str:
         opts = validate.Options(unwrap(options), "Shutdown")
-        timeout_s = opts.uint("timeout_s", self.config.timeouts.shutdown_s, minimum=1,
-                              maximum=3600)
+        timeout_s = opts.uint("timeout_s", self.config.timeouts.shutdown_s, minimum=1, maximum=3600)
         force = opts.bool("force")
         opts.done()
         uid = await self.auth.authorize(call.sender, ACTIONS[(VM, "Shutdown")], vm.name)
@@ -171,18 +201,28 @@ class BusService:
         assert self.jobs is not None
         limit = self.config.limits.jobs_per_sender
         if self.jobs.count_for_uid(uid) >= limit:
-            raise LimitExceededError(f"User {uid} already runs {limit} jobs; wait for one to end.",
-                                     details={"limit": limit, "uid": uid})
+            raise LimitExceededError(
+                f"User {uid} already runs {limit} jobs; wait for one to end.",
+                details={"limit": limit, "uid": uid},
+            )
 
     def vm_added(self, vm: CoreVM) -> None:
         props = vm.properties
-        self.router.add(vm_path(vm.uuid), [Exported(
-            VM_IFACE, lambda: {VM_PROPS[k]: v for k, v in props().items()},
-            self._vm_methods(vm))])
+        self.router.add(
+            vm_path(vm.uuid),
+            [
+                Exported(
+                    VM_IFACE,
+                    lambda: {VM_PROPS[k]: v for k, v in props().items()},
+                    self._vm_methods(vm),
+                )
+            ],
+        )
 
     def vm_changed(self, vm: CoreVM, changed: dict[str, Any]) -> None:
-        self.router.properties_changed(vm_path(vm.uuid), VM,
-                                       {VM_PROPS[k]: v for k, v in changed.items()})
+        self.router.properties_changed(
+            vm_path(vm.uuid), VM, {VM_PROPS[k]: v for k, v in changed.items()}
+        )
 
     def vm_removed(self, vm: CoreVM) -> None:
         self.router.remove(vm_path(vm.uuid))
@@ -196,11 +236,18 @@ class BusService:
 
     def _job_props(self, job: Job) -> dict[str, Any]:
         return {
-            "Operation": job.operation, "State": job.state.value, "Progress": job.progress,
-            "ProgressValid": job.progress_valid, "Bytes": job.bytes,
-            "TotalBytes": job.total_bytes, "Rate": job.rate, "StartTime": job.start_time_us,
-            "Cancelable": job.cancelable, "Objects": [vm_path(u) for u in job.objects],
-            "StartedByUID": job.started_by_uid, "ErrorName": job.error_name,
+            "Operation": job.operation,
+            "State": job.state.value,
+            "Progress": job.progress,
+            "ProgressValid": job.progress_valid,
+            "Bytes": job.bytes,
+            "TotalBytes": job.total_bytes,
+            "Rate": job.rate,
+            "StartTime": job.start_time_us,
+            "Cancelable": job.cancelable,
+            "Objects": [vm_path(u) for u in job.objects],
+            "StartedByUID": job.started_by_uid,
+            "ErrorName": job.error_name,
             "ErrorMessage": job.error_message,
         }
 
@@ -209,28 +256,49 @@ class BusService:
         if uid != job.started_by_uid:
             await self.auth.authorize(call.sender, ACTIONS[(JOB, "Cancel")])
         if not job.cancel():
-            raise InvalidStateError(f"Job {job.number} ({job.operation}) has already ended "
-                                    f"({job.state}).", details={"job": job.number})
+            raise InvalidStateError(
+                f"Job {job.number} ({job.operation}) has already ended ({job.state}).",
+                details={"job": job.number},
+            )
 
     def job_added(self, job: Job) -> None:
-        self.router.add(job_path(job), [Exported(
-            JOB_IFACE, functools.partial(self._job_props, job),
-            {"Cancel": functools.partial(self._cancel, job)})])
+        self.router.add(
+            job_path(job),
+            [
+                Exported(
+                    JOB_IFACE,
+                    functools.partial(self._job_props, job),
+                    {"Cancel": functools.partial(self._cancel, job)},
+                )
+            ],
+        )
 
     def job_changed(self, job: Job, changed: dict[str, Any]) -> None:
         props = self._job_props(job)
-        names = {"operation": "Operation", "state": "State", "progress": "Progress",
-                 "progress_valid": "ProgressValid", "bytes": "Bytes",
-                 "total_bytes": "TotalBytes", "rate": "Rate", "cancelable": "Cancelable",
-                 "objects": "Objects"}
+        names = {
+            "operation": "Operation",
+            "state": "State",
+            "progress": "Progress",
+            "progress_valid": "ProgressValid",
+            "bytes": "Bytes",
+            "total_bytes": "TotalBytes",
+            "rate": "Rate",
+            "cancelable": "Cancelable",
+            "objects": "Objects",
+        }
         out = {names[k]: props[names[k]] for k in changed if k in names}
         if "state" in changed and job.error is not None:
             out["ErrorName"], out["ErrorMessage"] = job.error_name, job.error_message
         self.router.properties_changed(job_path(job), JOB, out)
 
     def job_completed(self, job: Job) -> None:
-        self.router.signal(job_path(job), JOB, "Completed", "bss",
-                           [job.error is None, job.error_name, job.error_message])
+        self.router.signal(
+            job_path(job),
+            JOB,
+            "Completed",
+            "bss",
+            [job.error is None, job.error_name, job.error_message],
+        )
 
     def job_removed(self, job: Job) -> None:
         self.router.remove(job_path(job))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 import xml.etree.ElementTree as ET
 
-from dbus_fast.introspection import Arg, ArgDirection, Interface, Method, Property, Signal
-from dbus_fast.introspection import PropertyAccess as Access
+from dbus_fast.constants import ArgDirection
+from dbus_fast.constants import PropertyAccess as Access
+from dbus_fast.introspection import Arg, Interface, Method, Property, Signal
 
 PREFIX = "org.neuronos.Neuron1"
 ROOT = "/org/neuronos/Neuron1"
@@ -36,8 +37,9 @@ def _args(spec: str, direction: ArgDirection) -> list[Arg]:
 
 
 def _method(name: str, ins: str = "", outs: str = "", qt: str | None = None) -> Method:
-    return Method(name, _args(ins, ArgDirection.IN), _args(outs, ArgDirection.OUT),
-                  {_QT: qt} if qt else None)
+    return Method(
+        name, _args(ins, ArgDirection.IN), _args(outs, ArgDirection.OUT), {_QT: qt} if qt else None
+    )
 
 
 def _prop(name: str, sig: str, const: bool = False) -> Property:
@@ -113,8 +115,10 @@ OBJECT_MANAGER_IFACE = Interface(
     OBJECT_MANAGER,
     methods=[_method("GetManagedObjects", outs="a{oa{sa{sv}}} objects")],
     signals=[
-        Signal("InterfacesAdded",
-               _args("o object_path, a{sa{sv}} interfaces_and_properties", ArgDirection.OUT)),
+        Signal(
+            "InterfacesAdded",
+            _args("o object_path, a{sa{sv}} interfaces_and_properties", ArgDirection.OUT),
+        ),
         Signal("InterfacesRemoved", _args("o object_path, as interfaces", ArgDirection.OUT)),
     ],
 )
@@ -148,8 +152,10 @@ def document() -> str:
     for name in (MANAGER, VM, JOB):
         node.append(INTERFACES[name].to_xml())
     ET.indent(node)
-    doctype = ('<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
-               ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n')
+    doctype = (
+        '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+        ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
+    )
     return doctype + ET.tostring(node, encoding="unicode") + "\n"
 
 

@@ -25,6 +25,9 @@ class SafeMessageWriter(_Base):  # type: ignore[misc]
     The loop mirrors dbus-fast 5.2.0's own, with EAGAIN handled.
     """
 
+    buf: memoryview | None
+    offset: int
+
     def write_callback(self, remove_writer: bool = True) -> None:
         sock = self.sock
         try:
@@ -35,7 +38,12 @@ class SafeMessageWriter(_Base):  # type: ignore[misc]
                             self.loop.remove_writer(self.fd)
                         return
                     buf, unix_fds, fut = self.messages.popleft()
-                    self.unix_fds, self.buf, self.offset, self.fut = unix_fds, memoryview(buf), 0, fut
+                    self.unix_fds, self.buf, self.offset, self.fut = (
+                        unix_fds,
+                        memoryview(buf),
+                        0,
+                        fut,
+                    )
                 try:
                     if self.unix_fds and self.negotiate_unix_fd:
                         fds = array.array("i", self.unix_fds)

@@ -78,8 +78,14 @@ class Job:
         if changed:
             self._manager.listener.job_changed(self, changed)
 
-    def report(self, progress: float | None = None, *, done_bytes: int | None = None,
-               total_bytes: int | None = None, force: bool = False) -> None:
+    def report(
+        self,
+        progress: float | None = None,
+        *,
+        done_bytes: int | None = None,
+        total_bytes: int | None = None,
+        force: bool = False,
+    ) -> None:
         """Record progress; signalled at most every PROGRESS_INTERVAL_S unless forced."""
         now = time.monotonic()
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
@@ -110,17 +116,22 @@ class Job:
             try:
                 await work(self)
             except asyncio.CancelledError:
-                self._finish(JobState.CANCELLED, CancelledError(f"The {self.operation} job was cancelled."))
+                self._finish(
+                    JobState.CANCELLED, CancelledError(f"The {self.operation} job was cancelled.")
+                )
                 return
             except NeuronError as e:
                 log.log_error(_log, e, f"Job {self.number} ({self.operation}) failed: {e.message}")
                 self._finish(JobState.FAILED, e)
                 return
-            except Exception as e:  # the job must end, whatever its work raised
-                _log.error("Job %s (%s) failed unexpectedly", self.number, self.operation,
-                           exc_info=True)
-                self._finish(JobState.FAILED,
-                             InternalError(f"The {self.operation} job failed unexpectedly.", cause=e))
+            except Exception as e:  # noqa: BLE001 - the job must end, whatever its work raised
+                _log.error(
+                    "Job %s (%s) failed unexpectedly", self.number, self.operation, exc_info=True
+                )
+                self._finish(
+                    JobState.FAILED,
+                    InternalError(f"The {self.operation} job failed unexpectedly.", cause=e),
+                )
                 return
             self._finish(JobState.COMPLETED, None)
 
@@ -145,8 +156,9 @@ class JobManager:
         self._next = 1
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, operation: str, uid: int, objects: list[str],
-              work: Callable[[Job], Awaitable[None]]) -> Job:
+    def start(
+        self, operation: str, uid: int, objects: list[str], work: Callable[[Job], Awaitable[None]]
+    ) -> Job:
         job = Job(self, self._next, operation, uid, objects)
         self._next += 1
         self.jobs[job.number] = job
@@ -180,7 +192,8 @@ class JobManager:
         for j in running:
             j.cancel()
         if running:
-            await asyncio.wait([asyncio.ensure_future(j.done.wait()) for j in running],
-                               timeout=timeout)
+            await asyncio.wait(
+                [asyncio.ensure_future(j.done.wait()) for j in running], timeout=timeout
+            )
         for t in list(self._tasks):
             t.cancel()

@@ -58,8 +58,9 @@ class VMService:
         if vm is None:
             vm = next((v for v in self.vms.values() if v.name == name_or_uuid), None)
         if vm is None:
-            raise VMNotFoundError(f"There is no VM named {name_or_uuid!r}.",
-                                  details={"vm": name_or_uuid})
+            raise VMNotFoundError(
+                f"There is no VM named {name_or_uuid!r}.", details={"vm": name_or_uuid}
+            )
         return vm
 
     # ---- following libvirt --------------------------------------------------------------
@@ -119,15 +120,21 @@ class VMService:
         if vm is None:
             vm = VM(info)
             self.vms[uuid] = vm
-            _log.info("VM %s appeared (%s)", vm.name, vm.state,
-                      extra={"fields": {"NEUROND_VM": vm.name}})
+            _log.info(
+                "VM %s appeared (%s)", vm.name, vm.state, extra={"fields": {"NEUROND_VM": vm.name}}
+            )
             self.listener.vm_added(vm)
             return
         changed = vm.update(info)
         if changed:
             if "state" in changed:
-                _log.info("VM %s is %s (%s)", vm.name, vm.state, vm.reason,
-                          extra={"fields": {"NEUROND_VM": vm.name, "NEUROND_STATE": vm.state}})
+                _log.info(
+                    "VM %s is %s (%s)",
+                    vm.name,
+                    vm.state,
+                    vm.reason,
+                    extra={"fields": {"NEUROND_VM": vm.name, "NEUROND_STATE": vm.state}},
+                )
             self.listener.vm_changed(vm, changed)
 
     def _set_op(self, vm: VM, op: Operation | None) -> None:
@@ -141,7 +148,8 @@ class VMService:
     def _check(self, vm: VM, method: Method) -> None:
         if not self.backend.connected:
             raise LibvirtConnectionFailedError(
-                f"neurond has lost its connection to libvirt ({self.backend.uri}); try again shortly.",
+                f"neurond has lost its connection to libvirt ({self.backend.uri}); "
+                "try again shortly.",
                 details={"uri": self.backend.uri},
             )
         if vm.removed:
@@ -200,9 +208,11 @@ class VMService:
 
     async def force_off(self, vm: VM) -> None:
         op = vm.op
-        if op is not None and op.method is not Method.FORCE_OFF and vm.state in ALLOWED[
-            Method.FORCE_OFF
-        ]:
+        if (
+            op is not None
+            and op.method is not Method.FORCE_OFF
+            and vm.state in ALLOWED[Method.FORCE_OFF]
+        ):
             # ForceOff overrides a Shutdown job (which ends cancelled) and waits out a Start.
             if op.job is not None:
                 op.job.cancel()
@@ -246,8 +256,9 @@ class VMService:
             await asyncio.wait_for(vm.wait_until(off), timeout_s)
             return
         except LookupError:
-            raise VMNotFoundError(f"VM {vm.name!r} disappeared while shutting down.",
-                                  details={"vm": vm.name}) from None
+            raise VMNotFoundError(
+                f"VM {vm.name!r} disappeared while shutting down.", details={"vm": vm.name}
+            ) from None
         except TimeoutError:
             if not force:
                 raise TimeoutError_(
@@ -255,6 +266,10 @@ class VMService:
                     "shut it down from inside or use ForceOff.",
                     details={"vm": vm.name, "timeout_s": timeout_s},
                 ) from None
-        _log.info("VM %s did not shut down within %s s: destroying it", vm.name, timeout_s,
-                  extra={"fields": {"NEUROND_VM": vm.name}})
+        _log.info(
+            "VM %s did not shut down within %s s: destroying it",
+            vm.name,
+            timeout_s,
+            extra={"fields": {"NEUROND_VM": vm.name}},
+        )
         await self.backend.destroy(vm.uuid)

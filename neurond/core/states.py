@@ -1,4 +1,4 @@
-"""VM states and the method × state table of API.md, as data."""
+"""VM states and the method-by-state table of API.md, as data."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ REASONS: dict[int, tuple[str, ...]] = {
 
 
 def from_libvirt(state: int, reason: int) -> tuple[VMState, str]:
-    """Our (state, StateReason) for libvirt's (state, reason) pair; unknown numbers are 'unknown'."""
+    """Our (state, StateReason) for libvirt's (state, reason); unknown numbers give 'unknown'."""
     ours = FROM_LIBVIRT.get(state, S.UNKNOWN)
     names = REASONS.get(state, ())
     return ours, names[reason] if 0 <= reason < len(names) else "unknown"

@@ -7,9 +7,22 @@ from dataclasses import dataclass
 
 from neurond.errors import OperationFailedError
 
-_UNITS = {"b": 1, "bytes": 1, "kb": 1000, "k": 1024, "kib": 1024, "mb": 10**6, "m": 2**20,
-          "mib": 2**20, "gb": 10**9, "g": 2**30, "gib": 2**30, "tb": 10**12, "t": 2**40,
-          "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "kb": 1000,
+    "k": 1024,
+    "kib": 1024,
+    "mb": 10**6,
+    "m": 2**20,
+    "mib": 2**20,
+    "gb": 10**9,
+    "g": 2**30,
+    "gib": 2**30,
+    "tb": 10**12,
+    "t": 2**40,
+    "tib": 2**40,
+}
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 

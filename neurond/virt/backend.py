@@ -81,22 +81,29 @@ class LibvirtBackend:
             try:
                 await self._open()
             except NeuronError as e:
-                log.log_error(_log, e, f"Cannot connect to libvirt at {self._uri}; "
-                                       f"retrying in {delay:.1f} s")
+                log.log_error(
+                    _log, e, f"Cannot connect to libvirt at {self._uri}; retrying in {delay:.1f} s"
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lost.wait(), delay)
                 self._lost.clear()
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             delay = BACKOFF_FIRST_S
-            _log.info("Connected to libvirt at %s", self._uri,
-                      extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}})
+            _log.info(
+                "Connected to libvirt at %s",
+                self._uri,
+                extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}},
+            )
             await on_connected()
             await self._lost.wait()
             self._lost.clear()
             if not self._stopping:
-                _log.warning("Lost the connection to libvirt at %s", self._uri,
-                             extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}})
+                _log.warning(
+                    "Lost the connection to libvirt at %s",
+                    self._uri,
+                    extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}},
+                )
                 await self._drop()
                 self._sink.connection_changed(False)
 
@@ -112,24 +119,30 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             raise LibvirtConnectionFailedError(
                 f"Cannot connect to libvirt at {self._uri}: {e.get_error_message()}.",
-                details={"uri": self._uri}, cause=e) from None
+                details={"uri": self._uri},
+                cause=e,
+            ) from None
         try:
             # Keepalive notices a dead libvirtd even when idle; local drivers do not support it.
             with contextlib.suppress(libvirt.libvirtError):
                 conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
             conn.registerCloseCallback(self._on_close, None)
             self._callbacks = [
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                            self._on_lifecycle, None),
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
-                                            self._on_lifecycle, None),
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                ),
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_lifecycle, None
+                ),
             ]
         except libvirt.libvirtError as e:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             raise LibvirtConnectionFailedError(
                 f"Cannot register for libvirt events at {self._uri}: {e.get_error_message()}.",
-                details={"uri": self._uri}, cause=e) from None
+                details={"uri": self._uri},
+                cause=e,
+            ) from None
         self._conn = conn
 
     def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, *_args: Any) -> None:
@@ -163,13 +176,20 @@ class LibvirtBackend:
 
     # ---- calls --------------------------------------------------------------------------
 
-    async def _call(self, point: str, fallback: type[NeuronError], doing: str, vm: str,
-                    fn: Callable[[libvirt.virConnect], T]) -> T:
+    async def _call(
+        self,
+        point: str,
+        fallback: type[NeuronError],
+        doing: str,
+        vm: str,
+        fn: Callable[[libvirt.virConnect], T],
+    ) -> T:
         conn = self._conn
         if conn is None:
             raise LibvirtConnectionFailedError(
                 f"Could not {doing}: neurond is not connected to libvirt ({self._uri}).",
-                details={"uri": self._uri})
+                details={"uri": self._uri},
+            )
 
         def run() -> T:
             fault = faults.hit(point)
@@ -180,7 +200,8 @@ class LibvirtBackend:
         try:
             # copy_context: log fields bound by the caller (vm, sender) follow into the thread
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, contextvars.copy_context().run, run)
+                self._executor, contextvars.copy_context().run, run
+            )
         except libvirt.libvirtError as e:
             err = translate(e, fallback, doing, vm)
             if isinstance(err, LibvirtConnectionFailedError):
@@ -192,10 +213,16 @@ class LibvirtBackend:
         state, reason = dom.state()
         ours, reason_name = from_libvirt(state, reason)
         return DomainInfo(
-            uuid=summary.uuid, name=summary.name, state=ours, reason=reason_name,
-            persistent=bool(dom.isPersistent()), autostart=bool(dom.autostart()),
-            vcpus=summary.vcpus, memory_mib=summary.memory_mib,
-            gpu_address=summary.gpu_address, looking_glass=summary.looking_glass,
+            uuid=summary.uuid,
+            name=summary.name,
+            state=ours,
+            reason=reason_name,
+            persistent=bool(dom.isPersistent()),
+            autostart=bool(dom.autostart()),
+            vcpus=summary.vcpus,
+            memory_mib=summary.memory_mib,
+            gpu_address=summary.gpu_address,
+            looking_glass=summary.looking_glass,
             guest_agent=summary.guest_agent,
         )
 
@@ -223,47 +250,73 @@ class LibvirtBackend:
 
         return await self._call("virt.get", OperationFailedError, "read domain", uuid, get)
 
-    async def _on_domain(self, point: str, fallback: type[NeuronError], doing: str, uuid: str,
-                         fn: Callable[[libvirt.virDomain], object]) -> None:
+    async def _on_domain(
+        self,
+        point: str,
+        fallback: type[NeuronError],
+        doing: str,
+        uuid: str,
+        fn: Callable[[libvirt.virDomain], object],
+    ) -> None:
         def act(conn: libvirt.virConnect) -> None:
             fn(conn.lookupByUUIDString(uuid))
 
         try:
             await self._call(point, fallback, doing, uuid, act)
         except VMNotFoundError:
-            raise VMNotFoundError(f"Could not {doing}: the VM {uuid} no longer exists.",
-                                  details={"uuid": uuid}) from None
+            raise VMNotFoundError(
+                f"Could not {doing}: the VM {uuid} no longer exists.", details={"uuid": uuid}
+            ) from None
 
     async def start(self, uuid: str, paused: bool) -> None:
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-        await self._on_domain("virt.start", VMStartFailedError, "start", uuid,
-                              lambda d: d.createWithFlags(flags))
+        await self._on_domain(
+            "virt.start", VMStartFailedError, "start", uuid, lambda d: d.createWithFlags(flags)
+        )
 
     async def shutdown(self, uuid: str) -> None:
-        await self._on_domain("virt.shutdown", VMStopFailedError, "shut down", uuid,
-                              lambda d: d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                              if self._uri.startswith("qemu") else d.shutdown())
+        await self._on_domain(
+            "virt.shutdown",
+            VMStopFailedError,
+            "shut down",
+            uuid,
+            lambda d: (
+                d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                if self._uri.startswith("qemu")
+                else d.shutdown()
+            ),
+        )
 
     async def destroy(self, uuid: str) -> None:
-        await self._on_domain("virt.destroy", VMStopFailedError, "force off", uuid,
-                              lambda d: d.destroy())
+        await self._on_domain(
+            "virt.destroy", VMStopFailedError, "force off", uuid, lambda d: d.destroy()
+        )
 
     async def suspend(self, uuid: str) -> None:
-        await self._on_domain("virt.suspend", OperationFailedError, "pause", uuid,
-                              lambda d: d.suspend())
+        await self._on_domain(
+            "virt.suspend", OperationFailedError, "pause", uuid, lambda d: d.suspend()
+        )
 
     async def resume(self, uuid: str) -> None:
-        await self._on_domain("virt.resume", OperationFailedError, "resume", uuid,
-                              lambda d: d.resume())
+        await self._on_domain(
+            "virt.resume", OperationFailedError, "resume", uuid, lambda d: d.resume()
+        )
 
     async def reboot(self, uuid: str) -> None:
-        await self._on_domain("virt.reboot", OperationFailedError, "reboot", uuid,
-                              lambda d: d.reboot(0))
+        await self._on_domain(
+            "virt.reboot", OperationFailedError, "reboot", uuid, lambda d: d.reboot(0)
+        )
 
     async def reset(self, uuid: str) -> None:
-        await self._on_domain("virt.reset", OperationFailedError, "reset", uuid,
-                              lambda d: d.reset(0))
+        await self._on_domain(
+            "virt.reset", OperationFailedError, "reset", uuid, lambda d: d.reset(0)
+        )
 
     async def set_autostart(self, uuid: str, enabled: bool) -> None:
-        await self._on_domain("virt.set_autostart", OperationFailedError, "set autostart of",
-                              uuid, lambda d: d.setAutostart(1 if enabled else 0))
+        await self._on_domain(
+            "virt.set_autostart",
+            OperationFailedError,
+            "set autostart of",
+            uuid,
+            lambda d: d.setAutostart(1 if enabled else 0),
+        )
