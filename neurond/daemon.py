@@ -102,6 +102,7 @@ class Daemon:
         router = Router(bus, self.cfg.timeouts.call_s, self.cfg.limits.calls_per_sender)
         auth = Authorizer(bus, session=self.args.session)
         await auth.start()
+        router.caller_uid = auth.uid
         svc = BusService(router, auth, self.cfg)
         jobs = JobManager(svc, self.cfg.jobs.linger_s)
         backend = LibvirtBackend(self.cfg.libvirt_uri, self)

@@ -96,6 +96,8 @@ class Router:
         self.tasks: set[asyncio.Task[None]] = set()
         self._per_sender: dict[str, int] = {}
         self.accepting = True
+        # Set by the daemon to the authorizer's uid lookup (cached per sender).
+        self.caller_uid: Callable[[str], Awaitable[int]] | None = None
         bus.add_message_handler(self._on_message)
 
     # ---- the tree -----------------------------------------------------------------------
@@ -169,9 +171,19 @@ class Router:
         task.add_done_callback(done)
         return True
 
+    async def _uid(self, sender: str) -> int | None:
+        """The caller's uid for the log context; None when the bus cannot tell."""
+        if self.caller_uid is None or not sender:
+            return None
+        try:
+            return await asyncio.wait_for(self.caller_uid(sender), self.call_timeout)
+        except (NeuronError, TimeoutError):
+            return None
+
     async def _process(self, msg: Message) -> None:
         method = f"{msg.interface}.{msg.member}"
-        with log.bind(sender=msg.sender, method=method):
+        uid = await self._uid(msg.sender or "")
+        with log.bind(sender=msg.sender, uid=uid, method=method):
             try:
                 if not self.accepting:
                     raise CancelledError("neurond is stopping; call again once it is back.")

@@ -1,0 +1,123 @@
+"""Fixtures for tests through the public interface: a private system-type bus, neurond as a
+subprocess on it (libvirt's test driver), and a dbus-fast client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from tests.harness import Daemon, PrivateBus
+
+NAME = "org.neuronos.Neuron1"
+ROOT = "/org/neuronos/Neuron1"
+MANAGER_PATH = f"{ROOT}/Manager"
+MANAGER = "org.neuronos.Neuron1.Manager"
+VM = "org.neuronos.Neuron1.VM"
+JOB = "org.neuronos.Neuron1.Job"
+ERR = "org.neuronos.Neuron1.Error."
+TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's domain "test"
+TEST_PATH = f"{ROOT}/vm/{TEST_UUID.replace('-', '_')}"
+
+
+class CallFailed(Exception):
+    """An error reply: ``name`` is the D-Bus error name, ``text`` its message."""
+
+    def __init__(self, name: str, body: list[Any], signature: str) -> None:
+        self.name = name
+        self.body = body
+        self.signature = signature
+        self.text = body[0] if body and isinstance(body[0], str) else ""
+        super().__init__(f"{name}: {self.text}")
+
+
+class Client:
+    """A dbus-fast client connection with a terse ``call`` and a signal recorder."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.signals: list[Message] = []
+        bus.add_message_handler(self._record)
+
+    def _record(self, msg: Message) -> bool:
+        if msg.message_type is MessageType.SIGNAL and msg.sender != "org.freedesktop.DBus":
+            self.signals.append(msg)
+        return False
+
+    async def call(self, path: str, interface: str, member: str, signature: str = "",
+                   body: list[Any] | None = None, flags: int = 0) -> list[Any]:
+        reply = await self.bus.call(Message(destination=NAME, path=path, interface=interface,
+                                            member=member, signature=signature,
+                                            body=body or [], flags=flags))
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            raise CallFailed(reply.error_name or "", reply.body, reply.signature)
+        return list(reply.body)
+
+    async def get(self, path: str, interface: str, prop: str) -> Any:
+        (value,) = await self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                   [interface, prop])
+        return value.value
+
+    async def subscribe(self) -> None:
+        """Receive every signal neurond sends (a match rule; BecomeMonitor is denied)."""
+        await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=[f"type='signal',sender='{NAME}'"]))
+
+    def changes(self, path: str) -> list[dict[str, Any]]:
+        """The PropertiesChanged bodies seen for ``path``, values unwrapped."""
+        return [{k: v.value for k, v in m.body[1].items()} for m in self.signals
+                if m.member == "PropertiesChanged" and m.path == path]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("condition not met in time")
+            await asyncio.sleep(0.01)
+
+
+def opts(**kw: Variant) -> dict[str, Variant]:
+    return dict(kw)
+
+
+@pytest.fixture
+def private_bus() -> Iterator[PrivateBus]:
+    with PrivateBus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def start_daemon(private_bus: PrivateBus) -> Iterator[Callable[..., Daemon]]:
+    """Start neurond on the private bus; every one started is stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(**kwargs: Any) -> Daemon:
+        d = Daemon(private_bus, **kwargs)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.close()
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()
+
+
+@pytest.fixture
+async def client(private_bus: PrivateBus) -> AsyncIterator[Client]:
+    bus = await MessageBus(bus_address=private_bus.address).connect()
+    c = Client(bus)
+    await c.subscribe()
+    yield c
+    bus.disconnect()
