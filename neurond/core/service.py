@@ -138,6 +138,8 @@ class VMService:
             self.listener.vm_changed(vm, changed)
 
     def _set_op(self, vm: VM, op: Operation | None) -> None:
+        if vm.op is not None and vm.op is not op:
+            vm.op.ended.set()
         vm.op = op
         changed = vm.update()
         if changed:
@@ -183,8 +185,14 @@ class VMService:
             result.set_result(value)
             return value
         finally:
-            self._set_op(vm, None)
+            await self._end(vm)
+
+    async def _end(self, vm: VM) -> None:
+        """Free the VM's slot after reading libvirt's state, so the state moves only once."""
+        try:
             await self.refresh(vm.uuid)
+        finally:
+            self._set_op(vm, None)
 
     async def start(self, vm: VM, paused: bool) -> None:
         await self._transition(vm, Method.START, lambda: self.backend.start(vm.uuid, paused))
@@ -207,18 +215,17 @@ class VMService:
         await self.refresh(vm.uuid)
 
     async def force_off(self, vm: VM) -> None:
-        op = vm.op
-        if (
-            op is not None
-            and op.method is not Method.FORCE_OFF
-            and vm.state in ALLOWED[Method.FORCE_OFF]
-        ):
-            # ForceOff overrides a Shutdown job (which ends cancelled) and waits out a Start.
+        # ForceOff overrides a Shutdown job (which ends cancelled) and waits out other
+        # transitions (a Start, a Pause) before it destroys.
+        while (op := vm.op) is not None and op.method is not Method.FORCE_OFF:
+            if vm.state not in ALLOWED[Method.FORCE_OFF]:
+                break  # _check names the state
             if op.job is not None:
                 op.job.cancel()
-                await op.job.done.wait()
-            else:
+            elif not op.result.done():
                 await asyncio.wait([op.result])
+                continue
+            await op.ended.wait()
         await self._transition(vm, Method.FORCE_OFF, lambda: self.backend.destroy(vm.uuid))
 
     async def shutdown(self, vm: VM, uid: int, timeout_s: int, force: bool) -> Job:
@@ -243,8 +250,7 @@ class VMService:
             try:
                 await self._await_off(vm, timeout_s, force)
             finally:
-                self._set_op(vm, None)
-                await self.refresh(vm.uuid)
+                await self._end(vm)
 
         op.job = self.jobs.start("shutdown-vm", uid, [vm.uuid], work)
         result.set_result(op.job)

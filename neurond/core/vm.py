@@ -18,6 +18,7 @@ class Operation:
     method: Method
     result: asyncio.Future[Any]
     job: Job | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the slot is freed
 
 
 @dataclass(eq=False)
