@@ -25,6 +25,7 @@ from neurond.errors import (
     TimeoutError_,
     VMNotFoundError,
 )
+from neurond.validate import is_uuid
 
 _log = logging.getLogger("neurond.core")
 T = TypeVar("T")
@@ -58,8 +59,9 @@ class VMService:
         if vm is None:
             vm = next((v for v in self.vms.values() if v.name == name_or_uuid), None)
         if vm is None:
+            what = "with UUID" if is_uuid(name_or_uuid) else "named"
             raise VMNotFoundError(
-                f"There is no VM named {name_or_uuid!r}.", details={"vm": name_or_uuid}
+                f"There is no VM {what} {name_or_uuid!r}.", details={"vm": name_or_uuid}
             )
         return vm
 

@@ -15,7 +15,7 @@ ALLOWED = {
     "validate": {"errors"},
     "faults": {"errors"},
     "domain": {"errors"},
-    "core": {"errors", "log", "faults", "domain", "__init__"},
+    "core": {"errors", "log", "faults", "validate", "domain", "__init__"},
     "virt": {"errors", "log", "faults", "domain", "core", "config"},
     "bus": {"errors", "log", "faults", "validate", "config", "core", "__init__"},
     "daemon": {"errors", "log", "faults", "config", "core", "virt", "bus", "__init__"},
