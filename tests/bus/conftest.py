@@ -21,6 +21,10 @@ MANAGER = "org.neuronos.Neuron1.Manager"
 VM = "org.neuronos.Neuron1.VM"
 JOB = "org.neuronos.Neuron1.Job"
 ERR = "org.neuronos.Neuron1.Error."
+DBUS_ERR = "org.freedesktop.DBus.Error."
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+HOOKS = ["--test-hooks"]  # enables NEUROND_FAULTS
 TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's domain "test"
 TEST_PATH = f"{ROOT}/vm/{TEST_UUID.replace('-', '_')}"
 
@@ -49,32 +53,57 @@ class Client:
             self.signals.append(msg)
         return False
 
-    async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: list[Any] | None = None, flags: int = 0) -> list[Any]:
-        reply = await self.bus.call(Message(destination=NAME, path=path, interface=interface,
-                                            member=member, signature=signature,
-                                            body=body or [], flags=flags))
+    async def call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        flags: int = 0,
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(
+                destination=NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+                flags=flags,
+            )
+        )
         assert reply is not None
         if reply.message_type is MessageType.ERROR:
             raise CallFailed(reply.error_name or "", reply.body, reply.signature)
         return list(reply.body)
 
     async def get(self, path: str, interface: str, prop: str) -> Any:
-        (value,) = await self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
-                                   [interface, prop])
+        (value,) = await self.call(
+            path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, prop]
+        )
         return value.value
 
     async def subscribe(self) -> None:
         """Receive every signal neurond sends (a match rule; BecomeMonitor is denied)."""
-        await self.bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-            body=[f"type='signal',sender='{NAME}'"]))
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',sender='{NAME}'"],
+            )
+        )
 
     def changes(self, path: str) -> list[dict[str, Any]]:
         """The PropertiesChanged bodies seen for ``path``, values unwrapped."""
-        return [{k: v.value for k, v in m.body[1].items()} for m in self.signals
-                if m.member == "PropertiesChanged" and m.path == path]
+        return [
+            {k: v.value for k, v in m.body[1].items()}
+            for m in self.signals
+            if m.member == "PropertiesChanged" and m.path == path
+        ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.bus.conftest import MANAGER, MANAGER_PATH, NAME, TEST_PATH, TEST_UUID, VM
+from tests.bus.conftest import MANAGER, MANAGER_PATH, NAME, ROOT, TEST_PATH, TEST_UUID, VM
 from tests.harness import PrivateBus, busctl, gdbus
 
-ROOT = "/org/neuronos/Neuron1"
 FIRST_JOB = f"{ROOT}/job/1"
 
 

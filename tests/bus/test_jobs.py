@@ -17,10 +17,14 @@ from dbus_fast import Message, MessageType, Variant
 
 from tests.bus.conftest import (
     ERR,
+    HOOKS,
     JOB,
     MANAGER,
     MANAGER_PATH,
     NAME,
+    OBJECT_MANAGER,
+    PROPERTIES,
+    ROOT,
     TEST_PATH,
     TEST_UUID,
     VM,
@@ -28,11 +32,7 @@ from tests.bus.conftest import (
     Client,
 )
 
-ROOT = "/org/neuronos/Neuron1"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 FIRST_JOB = f"{ROOT}/job/1"
-HOOKS = ["--test-hooks"]
 
 JOB_PROPERTY_TYPES = {
     "Operation": "s",

@@ -13,10 +13,14 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 
 from tests.bus.conftest import (
+    DBUS_ERR,
     ERR,
     MANAGER,
     MANAGER_PATH,
     NAME,
+    OBJECT_MANAGER,
+    PROPERTIES,
+    ROOT,
     TEST_PATH,
     TEST_UUID,
     VM,
@@ -24,11 +28,6 @@ from tests.bus.conftest import (
     Client,
 )
 from tests.harness import make_test_node_xml, node_uri
-
-ROOT = "/org/neuronos/Neuron1"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-PROPERTIES = "org.freedesktop.DBus.Properties"
-DBUS_ERR = "org.freedesktop.DBus.Error."
 
 # API.md "Errors": the binding table, row by row (the row index is the error's number).
 CONTRACT_ERRORS: list[tuple[str, str, bool]] = [
