@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from dbus_fast import BusType, NameFlag, RequestNameReply
@@ -136,6 +137,7 @@ class Daemon:
             bus.disconnect()
             return 1
 
+        router.live = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(svc))
@@ -181,17 +183,19 @@ class Daemon:
             await asyncio.sleep(usec / 2e6)
 
     def _reload(self, svc: BusService) -> None:
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = config.load(config.config_path(self.args.config), self._overrides())
             log.setup(self.args.log_target or new.logging.target, new.logging.level)
         except NeuronError as e:
             log.log_error(_log, e, f"Reload failed, keeping the old configuration: {e.message}")
+            notify("READY=1", "STATUS=Reload failed; the old configuration stays")
             return
         if new.libvirt_uri != self.cfg.libvirt_uri:
             _log.warning("libvirt_uri changed; it takes effect when neurond restarts")
         self.cfg = new
         svc.set_config(new)
-        notify("RELOADING=0", "STATUS=Configuration reloaded")
+        notify("READY=1", "STATUS=Configuration reloaded")
         _log.info("Configuration reloaded")
 
 
@@ -209,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.test_hooks:
         _log.warning("Test hooks enabled: faults %s", sorted(faults.active()) or "none")
-    return asyncio.run(Daemon(args, cfg).run())
+    code = asyncio.run(Daemon(args, cfg).run())
+    # A libvirt call stuck in a worker thread must not hold the exit: the executor's threads
+    # are joined at interpreter exit, so leave without that once everything is closed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.introspection import Interface
+from dbus_fast.introspection import Interface, Node
 
 from neurond import faults, log
 from neurond.bus.spec import OBJECT_MANAGER, ROOT
@@ -36,11 +36,8 @@ _log = logging.getLogger("neurond.bus")
 PROPERTIES = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PEER = "org.freedesktop.DBus.Peer"
-_STANDARD = (
-    "org.freedesktop.DBus.Properties",
-    "org.freedesktop.DBus.Introspectable",
-    "org.freedesktop.DBus.Peer",
-)
+# Full definitions of the standard interfaces every path serves (ObjectManager: root only).
+_STANDARD = [i for i in Node.default().interfaces if i.name != OBJECT_MANAGER]
 _DBUS_ERR = "org.freedesktop.DBus.Error."
 
 
@@ -96,26 +93,29 @@ class Router:
         self.tasks: set[asyncio.Task[None]] = set()
         self._per_sender: dict[str, int] = {}
         self.accepting = True
+        # False until the daemon owns its name: objects found before then are not announced
+        # (clients read them with GetManagedObjects once the name appears).
+        self.live = False
         # Set by the daemon to the authorizer's uid lookup (cached per sender).
         self.caller_uid: Callable[[str], Awaitable[int]] | None = None
         bus.add_message_handler(self._on_message)
 
     # ---- the tree -----------------------------------------------------------------------
 
-    def add(self, path: str, interfaces: list[Exported], announce: bool = True) -> None:
+    def add(self, path: str, interfaces: list[Exported]) -> None:
         self.objects[path] = {e.spec.name: e for e in interfaces}
-        if announce:
+        if self.live:
             body = {e.spec.name: e.variants() for e in interfaces}
             self._signal(ROOT, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}", [path, body])
 
     def remove(self, path: str) -> None:
         ifaces = self.objects.pop(path, None)
-        if ifaces is not None:
+        if ifaces is not None and self.live:
             self._signal(ROOT, OBJECT_MANAGER, "InterfacesRemoved", "oas", [path, list(ifaces)])
 
     def properties_changed(self, path: str, interface: str, changed: dict[str, Any]) -> None:
         exported = self.objects.get(path, {}).get(interface)
-        if exported is None or not changed:
+        if exported is None or not changed or not self.live:
             return
         sigs = {p.name: p.signature for p in exported.spec.properties}
         body = {k: Variant(sigs[k], v) for k, v in changed.items()}
@@ -300,8 +300,8 @@ class Router:
 
     def introspect(self, path: str) -> str:
         node = ET.Element("node")
-        for name in _STANDARD:
-            ET.SubElement(node, "interface", {"name": name})
+        for iface in _STANDARD:
+            node.append(iface.to_xml())
         for exported in self.objects.get(path, {}).values():
             node.append(exported.spec.to_xml())
         prefix = path.rstrip("/") + "/"

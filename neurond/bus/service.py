@@ -100,7 +100,6 @@ class BusService:
                     OBJECT_MANAGER_IFACE, dict, {"GetManagedObjects": self._get_managed_objects}
                 )
             ],
-            announce=False,
         )
         self.router.add(
             MANAGER_PATH,
