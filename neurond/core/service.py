@@ -217,18 +217,38 @@ class VMService:
         await self.refresh(vm.uuid)
 
     async def force_off(self, vm: VM) -> None:
-        # ForceOff overrides a Shutdown job (which ends cancelled) and waits out other
+        # ForceOff takes over a Shutdown job (which ends cancelled) and waits out other
         # transitions (a Start, a Pause) before it destroys.
         while (op := vm.op) is not None and op.method is not Method.FORCE_OFF:
             if vm.state not in ALLOWED[Method.FORCE_OFF]:
                 break  # _check names the state
             if op.job is not None:
-                op.job.cancel()
-            elif not op.result.done():
+                await self._take_over(vm, op)
+                return
+            if not op.result.done():
                 await asyncio.wait([op.result])
                 continue
             await op.ended.wait()
         await self._transition(vm, Method.FORCE_OFF, lambda: self.backend.destroy(vm.uuid))
+
+    async def _take_over(self, vm: VM, op: Operation) -> None:
+        """Destroy while the Shutdown still holds the slot, so the VM goes from stopping
+        straight to shutoff; the Shutdown job sees ``forced`` and ends cancelled."""
+        if op.forced is None:
+            self._check(vm, Method.SHUTDOWN)  # the connection is up, the VM still exists
+            op.forced = asyncio.get_running_loop().create_future()
+            try:
+                if vm.info.state is not VMState.SHUTOFF:
+                    await self.backend.destroy(vm.uuid)
+            except BaseException as e:
+                op.forced.set_exception(e)
+                op.forced.exception()
+                op.forced = None
+                raise
+            op.forced.set_result(None)
+        else:
+            await asyncio.shield(op.forced)
+        await op.ended.wait()
 
     async def shutdown(self, vm: VM, uid: int, timeout_s: int, force: bool) -> Job:
         """Ask the guest to power off (ACPI); the returned job ends when the VM is off."""
@@ -251,6 +271,8 @@ class VMService:
         async def work(job: Job) -> None:
             try:
                 await self._await_off(vm, timeout_s, force)
+                if op.forced is not None:
+                    raise asyncio.CancelledError  # ForceOff took over: the job is cancelled
             finally:
                 await self._end(vm)
 

@@ -19,6 +19,7 @@ class Operation:
     result: asyncio.Future[Any]
     job: Job | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the slot is freed
+    forced: asyncio.Future[None] | None = None  # a ForceOff taking over this Shutdown
 
 
 @dataclass(eq=False)
