@@ -106,12 +106,12 @@ class Router:
         self.objects[path] = {e.spec.name: e for e in interfaces}
         if self.live:
             body = {e.spec.name: e.variants() for e in interfaces}
-            self._signal(ROOT, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}", [path, body])
+            self.signal(ROOT, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}", [path, body])
 
     def remove(self, path: str) -> None:
         ifaces = self.objects.pop(path, None)
         if ifaces is not None and self.live:
-            self._signal(ROOT, OBJECT_MANAGER, "InterfacesRemoved", "oas", [path, list(ifaces)])
+            self.signal(ROOT, OBJECT_MANAGER, "InterfacesRemoved", "oas", [path, list(ifaces)])
 
     def properties_changed(self, path: str, interface: str, changed: dict[str, Any]) -> None:
         exported = self.objects.get(path, {}).get(interface)
@@ -119,14 +119,9 @@ class Router:
             return
         sigs = {p.name: p.signature for p in exported.spec.properties}
         body = {k: Variant(sigs[k], v) for k, v in changed.items()}
-        self._signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, body, []])
+        self.signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, body, []])
 
     def signal(
-        self, path: str, interface: str, member: str, signature: str, body: list[Any]
-    ) -> None:
-        self._signal(path, interface, member, signature, body)
-
-    def _signal(
         self, path: str, interface: str, member: str, signature: str, body: list[Any]
     ) -> None:
         self.bus.send(Message.new_signal(path, interface, member, signature, body))
