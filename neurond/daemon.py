@@ -24,6 +24,7 @@ from neurond.bus.service import BusService
 from neurond.core.jobs import JobManager
 from neurond.core.service import VMService
 from neurond.errors import NeuronError
+from neurond.hardware import HardwareReader
 from neurond.virt.backend import LibvirtBackend, register_event_loop
 
 BUS_NAME = "org.neuronos.Neuron1"
@@ -104,7 +105,8 @@ class Daemon:
         auth = Authorizer(bus, session=self.args.session)
         await auth.start()
         router.caller_uid = auth.uid
-        svc = BusService(router, auth, self.cfg)
+        hardware = HardwareReader(self.cfg.hardware.sysfs_root, self.cfg.hardware.procfs_root)
+        svc = BusService(router, auth, self.cfg, hardware)
         jobs = JobManager(svc, self.cfg.jobs.linger_s)
         backend = LibvirtBackend(self.cfg.libvirt_uri, self)
         self.core = core = VMService(backend, svc, jobs)

@@ -1,4 +1,4 @@
-"""Validation of untrusted input: VM names, UUIDs and typed readers for ``a{sv}`` options.
+"""Validation of untrusted input: VM names, UUIDs, PCI addresses and typed readers for ``a{sv}``.
 
 The bus layer hands options in as ``{key: (signature, value)}`` (the variant unwrapped), so
 this module needs nothing of dbus. Every reader names the bad key and the expected type.
@@ -14,6 +14,9 @@ from typing import Any
 from neurond.errors import InvalidArgumentError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# DDDD:BB:SS.F in hexadecimal (domain, bus, slot, function); ASCII only, matched whole.
+PCI_ADDRESS_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+PCI_ADDRESS_LENGTH = 12
 MAX_STRING = 4096
 MAX_OPTIONS = 64
 
@@ -62,6 +65,20 @@ def name_or_uuid(value: str) -> str:
             details={"argument": "name_or_uuid"},
         )
     return value
+
+
+def pci_address(value: str, argument: str = "address") -> str:
+    """A PCI address ``DDDD:BB:SS.F``, lowercased as sysfs names devices.
+
+    Only a value that passes can become part of a sysfs path: it has no ``/`` and no ``..``.
+    """
+    if len(value) != PCI_ADDRESS_LENGTH or not PCI_ADDRESS_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            f"{_show(value)!r} is not a PCI address: write it as DDDD:BB:SS.F in hexadecimal, "
+            "e.g. 0000:01:00.0.",
+            details={"argument": argument},
+        )
+    return value.lower()
 
 
 class Options:

@@ -4,6 +4,7 @@ signals that follow the core's VMs and jobs.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,8 @@ from neurond.bus.auth import Authorizer
 from neurond.bus.router import Call, Exported, Router
 from neurond.bus.spec import (
     API_VERSION,
+    HARDWARE,
+    HARDWARE_IFACE,
     JOB,
     JOB_IFACE,
     MANAGER,
@@ -30,6 +33,7 @@ from neurond.core.jobs import Job, JobManager
 from neurond.core.service import VMService
 from neurond.core.vm import VM as CoreVM
 from neurond.errors import InvalidStateError, LimitExceededError, error_table
+from neurond.hardware import GPU, HardwareReader, Readiness
 
 # The polkit action of every method that is not a read (API.md, Authorization).
 ACTIONS: dict[tuple[str, str], str] = {
@@ -49,6 +53,9 @@ READS: frozenset[tuple[str, str]] = frozenset(
         (MANAGER, "GetVM"),
         (MANAGER, "ListJobs"),
         (MANAGER, "ListErrors"),
+        (HARDWARE, "GetIOMMUStatus"),
+        (HARDWARE, "ListGPUs"),
+        (HARDWARE, "CheckPassthrough"),
         ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     }
 )
@@ -80,13 +87,42 @@ def unwrap(options: dict[str, Variant]) -> dict[str, tuple[str, Any]]:
     return {k: (v.signature, v.value) for k, v in options.items()}
 
 
+def readiness_dict(r: Readiness) -> dict[str, Variant]:
+    return {
+        "ready": Variant("b", r.ready),
+        "reasons": Variant("as", list(r.reasons)),
+        "warnings": Variant("as", list(r.warnings)),
+    }
+
+
+def gpu_dict(g: GPU) -> dict[str, Variant]:
+    return {
+        "address": Variant("s", g.address),
+        "vendor_id": Variant("s", g.vendor_id),
+        "device_id": Variant("s", g.device_id),
+        "vendor": Variant("s", g.vendor),
+        "name": Variant("s", g.name),
+        "class": Variant("s", g.class_code),
+        "driver": Variant("s", g.driver),
+        "iommu_group": Variant("i", g.iommu_group),
+        "boot_vga": Variant("b", g.boot_vga),
+        "group_devices": Variant("as", list(g.group_devices)),
+        "passthrough_ready": Variant("b", g.readiness.ready),
+        "reasons": Variant("as", list(g.readiness.reasons)),
+        "warnings": Variant("as", list(g.readiness.warnings)),
+    }
+
+
 class BusService:
     """Implements the core's VM and job listeners by exporting objects and emitting signals."""
 
-    def __init__(self, router: Router, auth: Authorizer, config: Config) -> None:
+    def __init__(
+        self, router: Router, auth: Authorizer, config: Config, hardware: HardwareReader
+    ) -> None:
         self.router = router
         self.auth = auth
         self.config = config
+        self.hardware = hardware
         self.core: VMService | None = None
         self.jobs: JobManager | None = None
         self._connected = False
@@ -113,7 +149,16 @@ class BusService:
                         "ListJobs": self._list_jobs,
                         "ListErrors": self._list_errors,
                     },
-                )
+                ),
+                Exported(
+                    HARDWARE_IFACE,
+                    dict,
+                    {
+                        "GetIOMMUStatus": self._get_iommu_status,
+                        "ListGPUs": self._list_gpus,
+                        "CheckPassthrough": self._check_passthrough,
+                    },
+                ),
             ],
         )
 
@@ -129,8 +174,12 @@ class BusService:
             "Version": __version__,
             "LibvirtURI": self._core().backend.uri,
             "Connected": self._connected,
-            "Features": [],
+            "Features": self._features(),
         }
+
+    def _features(self) -> list[str]:
+        # Read on every read of the property: a GPU can be rebound or hot-plugged at any time.
+        return ["gpu-passthrough"] if self.hardware.any_ready() else []
 
     async def _get_managed_objects(self, call: Call) -> Any:
         return self.router.managed_objects()
@@ -150,8 +199,30 @@ class BusService:
 
     def set_config(self, config: Config) -> None:
         self.config = config
+        self.hardware.configure(config.hardware.sysfs_root, config.hardware.procfs_root)
         self.router.call_timeout = config.timeouts.call_s
         self.router.calls_per_sender = config.limits.calls_per_sender
+
+    # ---- Hardware (reads: no authorization, API.md) --------------------------------------
+    # The reads run in a thread: pci.ids is a 1.3 MB file, and a wedged sysfs read must not
+    # stall the bus.
+
+    async def _get_iommu_status(self, call: Call) -> dict[str, Variant]:
+        status = await asyncio.to_thread(self.hardware.iommu_status)
+        return {
+            "enabled": Variant("b", status.enabled),
+            "groups": Variant("u", status.groups),
+            "cpu_vendor": Variant("s", status.cpu_vendor),
+            "virtualization": Variant("b", status.virtualization),
+            "kernel_param": Variant("s", status.kernel_param),
+        }
+
+    async def _list_gpus(self, call: Call) -> list[dict[str, Variant]]:
+        return [gpu_dict(g) for g in await asyncio.to_thread(self.hardware.gpus)]
+
+    async def _check_passthrough(self, call: Call, address: str) -> dict[str, Variant]:
+        address = validate.pci_address(address)
+        return readiness_dict(await asyncio.to_thread(self.hardware.check, address))
 
     # ---- VMs ----------------------------------------------------------------------------
 

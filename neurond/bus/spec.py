@@ -19,6 +19,7 @@ MANAGER_PATH = f"{ROOT}/Manager"
 MANAGER = f"{PREFIX}.Manager"
 VM = f"{PREFIX}.VM"
 JOB = f"{PREFIX}.Job"
+HARDWARE = f"{PREFIX}.Hardware"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 API_VERSION = 1
 
@@ -60,6 +61,15 @@ MANAGER_IFACE = Interface(
         _prop("LibvirtURI", "s"),
         _prop("Connected", "b"),
         _prop("Features", "as"),
+    ],
+)
+
+HARDWARE_IFACE = Interface(
+    HARDWARE,
+    methods=[
+        _method("GetIOMMUStatus", outs="a{sv} status"),
+        _method("ListGPUs", outs="aa{sv} gpus", qt="QList<QVariantMap>"),
+        _method("CheckPassthrough", "s address", "a{sv} result"),
     ],
 )
 
@@ -124,7 +134,7 @@ OBJECT_MANAGER_IFACE = Interface(
 )
 
 INTERFACES: dict[str, Interface] = {
-    i.name: i for i in (MANAGER_IFACE, VM_IFACE, JOB_IFACE, OBJECT_MANAGER_IFACE)
+    i.name: i for i in (MANAGER_IFACE, HARDWARE_IFACE, VM_IFACE, JOB_IFACE, OBJECT_MANAGER_IFACE)
 }
 
 # API.md members not exported yet; a test keeps this list honest, and it only shrinks.
@@ -136,9 +146,6 @@ NOT_YET_IMPLEMENTED: tuple[str, ...] = (
     "VM.GuestPing",
     "VM.GuestInfo",
     "VM.GuestExec",
-    "Hardware.GetIOMMUStatus",
-    "Hardware.ListGPUs",
-    "Hardware.CheckPassthrough",
 )
 
 
@@ -149,7 +156,7 @@ def interface_xml(iface: Interface) -> ET.Element:
 def document() -> str:
     """The interface file: every neurond interface, as ``dbus/org.neuronos.Neuron1.xml``."""
     node = ET.Element("node")
-    for name in (MANAGER, VM, JOB):
+    for name in (MANAGER, HARDWARE, VM, JOB):
         node.append(INTERFACES[name].to_xml())
     ET.indent(node)
     doctype = (
