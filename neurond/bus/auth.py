@@ -1,51 +1,84 @@
 """Authorization of callers: one authorizer through which every method with an action passes.
 
-First form (API.md's fallback while polkit is not consulted): on the system bus only uid 0 may
-call a method that needs an action; on ``--session`` only the daemon's own uid. The caller's
-uid comes from the bus daemon (GetConnectionUnixUser), cached per unique name until the name
-leaves the bus.
+polkit decides (CheckAuthorization, subject ``system-bus-name`` of the caller, details ``vm``
+and ``uuid``), interactively only when the call carried ALLOW_INTERACTIVE_AUTHORIZATION.
+uid 0 is always allowed (polkit says so too, and root must keep working when polkit hangs).
+Where polkit is not running, or ``authorization.polkit = false``, only uid 0 may act; on
+``--session`` polkit is not consulted and only the daemon's own uid is served (API.md).
+
+The caller's uid comes from the bus daemon (GetConnectionUnixUser), cached per unique name
+until the name leaves the bus. A polkit yes is cached per (sender, action, VM) only while
+polkit says it retains the authorization, and dropped when the sender leaves or polkit
+signals ``Changed``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from neurond.errors import InternalError, PermissionDeniedError
+from neurond.errors import AuthorizationDismissedError, InternalError, PermissionDeniedError
 
 _log = logging.getLogger("neurond.auth")
 
 DBUS = "org.freedesktop.DBus"
+POLKIT = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
 ACTION_PREFIX = "org.neuronos.neuron1."
+_ALLOW_USER_INTERACTION = 1
+# Replies meaning "polkit is not there": then only uid 0 may act.
+_POLKIT_ABSENT = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+}
+
+# Set by the router for each call: did the caller allow interactive authorization?
+interactive_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "interactive_allowed", default=False
+)
+
+
+class InteractiveAuthorizationRequired(Exception):
+    """polkit would ask the user, but the caller did not allow interaction (a bus error)."""
 
 
 class Authorizer:
-    def __init__(self, bus: MessageBus, session: bool) -> None:
+    def __init__(self, bus: MessageBus, session: bool, use_polkit: bool = True) -> None:
         self.bus = bus
-        self.allowed_uid = os.getuid() if session else 0
+        self.session = session
+        self.use_polkit = use_polkit and not session
+        self.own_uid = os.getuid()
         self._uids: dict[str, int] = {}
+        self._granted: set[tuple[str, str, str]] = set()
         bus.add_message_handler(self._on_signal)
 
     async def start(self) -> None:
-        """Subscribe to NameOwnerChanged so cached uids die with their connections."""
+        """Follow callers leaving the bus and polkit's Changed signal (both drop caches)."""
         await self._bus_call(
             "AddMatch",
             "s",
             [f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged'"],
         )
+        await self._bus_call(
+            "AddMatch", "s", [f"type='signal',interface='{POLKIT_IFACE}',member='Changed'"]
+        )
 
     def _on_signal(self, msg: Message) -> bool:
-        if (
-            msg.message_type is MessageType.SIGNAL
-            and msg.member == "NameOwnerChanged"
-            and msg.sender == DBUS
-            and msg.body
-            and not msg.body[2]
-        ):
-            self._uids.pop(msg.body[0], None)
+        if msg.message_type is not MessageType.SIGNAL:
+            return False
+        if msg.member == "NameOwnerChanged" and msg.sender == DBUS and msg.body and not msg.body[2]:
+            gone = msg.body[0]
+            self._uids.pop(gone, None)
+            self._granted = {g for g in self._granted if g[0] != gone}
+        elif msg.interface == POLKIT_IFACE and msg.member == "Changed":
+            self._granted.clear()
         return False
 
     async def _bus_call(self, member: str, signature: str, body: list[object]) -> Message:
@@ -72,13 +105,73 @@ class Authorizer:
             self._uids[sender] = int(reply.body[0])
         return self._uids[sender]
 
-    async def authorize(self, sender: str, action: str, vm: str = "") -> int:
-        """Return the caller's uid if it may perform ``action``; else PermissionDenied."""
+    async def authorize(self, sender: str, action: str, vm: str = "", uuid: str = "") -> int:
+        """Return the caller's uid if it may perform ``action``; else raise the typed refusal."""
         uid = await self.uid(sender)
-        if uid != self.allowed_uid:
-            subject = f" on VM {vm!r}" if vm else ""
-            raise PermissionDeniedError(
-                f"User {uid} is not allowed to perform {ACTION_PREFIX}{action}{subject}.",
-                details={"action": ACTION_PREFIX + action, "uid": uid, "vm": vm},
+        full = ACTION_PREFIX + action
+        subject = f" on VM {vm!r}" if vm else ""
+        facts = {"action": full, "uid": uid, "vm": vm}
+        if self.session:
+            if uid == self.own_uid:
+                return uid
+        elif uid == 0 or (sender, full, vm) in self._granted:
+            return uid
+        elif self.use_polkit:
+            if await self._polkit(sender, full, vm, uuid, facts, subject):
+                return uid
+        raise PermissionDeniedError(
+            f"User {uid} is not allowed to perform {full}{subject}.", details=facts
+        )
+
+    async def _polkit(
+        self, sender: str, action: str, vm: str, uuid: str, facts: dict[str, object], subject: str
+    ) -> bool:
+        """Ask polkit; True for a yes, False when polkit is absent; raise for its refusals."""
+        interactive = interactive_allowed.get()
+        details = {k: v for k, v in (("vm", vm), ("uuid", uuid)) if v}
+        reply = await self.bus.call(
+            Message(
+                destination=POLKIT,
+                path=POLKIT_PATH,
+                interface=POLKIT_IFACE,
+                member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[
+                    ["system-bus-name", {"name": Variant("s", sender)}],
+                    action,
+                    details,
+                    _ALLOW_USER_INTERACTION if interactive else 0,
+                    "",
+                ],
+                flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+                if interactive
+                else MessageFlag.NONE,
             )
-        return uid
+        )
+        if reply is None or reply.message_type is MessageType.ERROR:
+            name = reply.error_name if reply is not None else "no reply"
+            if name in _POLKIT_ABSENT:
+                _log.warning("polkit is not available (%s): only root may act", name)
+                return False
+            raise PermissionDeniedError(
+                f"polkit could not decide {action}{subject}: {name} "
+                f"{reply.body[0] if reply is not None and reply.body else ''}".rstrip() + ".",
+                details=facts,
+            )
+        authorized, challenge, result = reply.body[0]
+        if authorized:
+            if result.get("polkit.retains_authorization_after_challenge") in ("1", "true"):
+                self._granted.add((sender, action, vm))
+            return True
+        if result.get("polkit.dismissed") in ("1", "true"):
+            raise AuthorizationDismissedError(
+                f"The authorization for {action}{subject} was dismissed.", details=facts
+            )
+        if challenge and not interactive:
+            raise InteractiveAuthorizationRequired(
+                f"{action}{subject} needs authentication; call again with interactive "
+                "authorization allowed."
+            )
+        raise PermissionDeniedError(
+            f"User {facts['uid']} is not allowed to perform {action}{subject}.", details=facts
+        )

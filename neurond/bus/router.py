@@ -22,6 +22,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
 
 from neurond import faults, log
+from neurond.bus.auth import InteractiveAuthorizationRequired, interactive_allowed
 from neurond.bus.spec import OBJECT_MANAGER, ROOT
 from neurond.errors import (
     CancelledError,
@@ -39,6 +40,8 @@ PEER = "org.freedesktop.DBus.Peer"
 # Full definitions of the standard interfaces every path serves (ObjectManager: root only).
 _STANDARD = [i for i in Node.default().interfaces if i.name != OBJECT_MANAGER]
 _DBUS_ERR = "org.freedesktop.DBus.Error."
+_INTERACTIVE_REQUIRED = _DBUS_ERR + "InteractiveAuthorizationRequired"
+INTERACTIVE_EXTRA_S = 300  # how long a person may take in a polkit dialog
 
 
 class BusError(Exception):
@@ -182,13 +185,20 @@ class Router:
             try:
                 if not self.accepting:
                     raise CancelledError("neurond is stopping; call again once it is back.")
-                signature, body = await asyncio.wait_for(self._dispatch(msg), self.call_timeout)
+                interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+                interactive_allowed.set(interactive)
+                # API.md: the call bound, plus the time a person spends in a polkit dialog.
+                timeout = self.call_timeout + (INTERACTIVE_EXTRA_S if interactive else 0)
+                signature, body = await asyncio.wait_for(self._dispatch(msg), timeout)
                 reply = Message.new_method_return(msg, signature, body)
             except NeuronError as e:
                 self._reply_error(msg, e)
                 return
             except BusError as e:
                 reply = Message.new_error(msg, e.name, e.text)
+            except InteractiveAuthorizationRequired as e:
+                _log.info("%s needs interactive authorization", method)
+                reply = Message.new_error(msg, _INTERACTIVE_REQUIRED, str(e))
             except TimeoutError:
                 self._reply_error(
                     msg,

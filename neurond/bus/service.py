@@ -231,7 +231,7 @@ class BusService:
 
         def simple(action: Callable[[CoreVM], Awaitable[None]], name: str) -> Any:
             async def handler(call: Call) -> None:
-                await self.auth.authorize(call.sender, ACTIONS[(VM, name)], vm.name)
+                await self.auth.authorize(call.sender, ACTIONS[(VM, name)], vm.name, vm.uuid)
                 await action(vm)
 
             return handler
@@ -251,7 +251,7 @@ class BusService:
         opts = validate.Options(unwrap(options), "Start")
         paused = opts.bool("paused")
         opts.done()
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "Start")], vm.name)
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "Start")], vm.name, vm.uuid)
         await self._core().start(vm, paused)
 
     async def _shutdown(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> str:
@@ -259,12 +259,12 @@ class BusService:
         timeout_s = opts.uint("timeout_s", self.config.timeouts.shutdown_s, minimum=1, maximum=3600)
         force = opts.bool("force")
         opts.done()
-        uid = await self.auth.authorize(call.sender, ACTIONS[(VM, "Shutdown")], vm.name)
+        uid = await self.auth.authorize(call.sender, ACTIONS[(VM, "Shutdown")], vm.name, vm.uuid)
         self._check_job_limit(uid)
         return job_path(await self._core().shutdown(vm, uid, timeout_s, force))
 
     async def _set_autostart(self, vm: CoreVM, call: Call, enabled: bool) -> None:
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name)
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name, vm.uuid)
         await self._core().set_autostart(vm, enabled)
 
     def _check_job_limit(self, uid: int) -> None:

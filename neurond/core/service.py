@@ -166,7 +166,7 @@ class VMService:
         if vm.op is None and vm.state not in ALLOWED[method]:
             raise InvalidStateError(
                 f"Cannot {method} VM {vm.name!r} while it is {vm.state}.",
-                details={"vm": vm.name, "state": vm.state, "method": method},
+                details={"vm": vm.name, "state": vm.state, "operation": method},
             )
 
     async def _transition(self, vm: VM, method: Method, action: Callable[[], Awaitable[T]]) -> T:
