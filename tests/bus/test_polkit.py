@@ -4,6 +4,7 @@ non-root callers (uid 65534 through gdbus, which shows the typed error name).
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,32 @@ def test_without_polkit_only_root_may_act(setup: Setup) -> None:
     assert _error(setup.call(vm0, "Pause")) == ERR + "PermissionDenied"
     assert "running" in setup.state(vm0)
     assert setup.call(vm0, "Pause", nobody=False).returncode == 0
+
+
+def test_policy_file_has_api_md_actions_and_defaults() -> None:
+    """polkit/org.neuronos.neuron1.policy equals API.md's Authorization table."""
+    import xml.etree.ElementTree as ET
+
+    api = Path(__file__).resolve().parents[3] / "shared" / "API.md"
+    assert api.exists(), f"API.md expected beside the repository at {api}"
+    rows = {}
+    for line in api.read_text().splitlines():
+        m = re.match(
+            r"\| `org\.neuronos\.neuron1\.([a-z-]+)` \|.*\| (\S+) / (\S+) / (\S+) \|$", line
+        )
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3), m.group(4))
+    assert len(rows) == 6
+    policy = ET.parse(
+        Path(__file__).resolve().parents[2] / "polkit" / "org.neuronos.neuron1.policy"
+    )
+    actions = {}
+    for action in policy.getroot().iter("action"):
+        d = action.find("defaults")
+        assert d is not None and action.findtext("message")
+        actions[action.get("id", "").removeprefix("org.neuronos.neuron1.")] = (
+            d.findtext("allow_any"),
+            d.findtext("allow_inactive"),
+            d.findtext("allow_active"),
+        )
+    assert actions == rows
