@@ -102,7 +102,9 @@ class Daemon:
             return 1
         writer.install(bus)
         router = Router(bus, self.cfg.timeouts.call_s, self.cfg.limits.calls_per_sender)
-        auth = Authorizer(bus, self.args.session, self.cfg.authorization.polkit)
+        auth = Authorizer(
+            bus, self.args.session, self.cfg.authorization.polkit, self.cfg.timeouts.call_s / 2
+        )
         await auth.start()
         router.caller_uid = auth.uid
         hardware = HardwareReader(self.cfg.hardware.sysfs_root, self.cfg.hardware.procfs_root)

@@ -14,6 +14,7 @@ signals ``Changed``.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -50,8 +51,12 @@ class InteractiveAuthorizationRequired(Exception):
 
 
 class Authorizer:
-    def __init__(self, bus: MessageBus, session: bool, use_polkit: bool = True) -> None:
+    def __init__(
+        self, bus: MessageBus, session: bool, use_polkit: bool = True, timeout_s: float = 10.0
+    ) -> None:
         self.bus = bus
+        self.timeout_s = timeout_s  # a non-interactive polkit check that takes longer is a no
+        self._absent_logged = False
         self.session = session
         self.use_polkit = use_polkit and not session
         self.own_uid = os.getuid()
@@ -129,7 +134,7 @@ class Authorizer:
         """Ask polkit; True for a yes, False when polkit is absent; raise for its refusals."""
         interactive = interactive_allowed.get()
         details = {k: v for k, v in (("vm", vm), ("uuid", uuid)) if v}
-        reply = await self.bus.call(
+        call = self.bus.call(
             Message(
                 destination=POLKIT,
                 path=POLKIT_PATH,
@@ -148,16 +153,28 @@ class Authorizer:
                 else MessageFlag.NONE,
             )
         )
+        try:
+            # A person may take minutes in a dialog; without one polkit must answer quickly.
+            reply = await asyncio.wait_for(call, None if interactive else self.timeout_s)
+        except TimeoutError:
+            raise PermissionDeniedError(
+                f"polkit did not answer within {self.timeout_s:g} s whether user {facts['uid']} "
+                f"may perform {action}{subject}; try again.",
+                details={**facts, "timeout_s": self.timeout_s},
+            ) from None
         if reply is None or reply.message_type is MessageType.ERROR:
             name = reply.error_name if reply is not None else "no reply"
             if name in _POLKIT_ABSENT:
-                _log.warning("polkit is not available (%s): only root may act", name)
+                if not self._absent_logged:  # once, not per call
+                    _log.warning("polkit is not available (%s): only root may act", name)
+                    self._absent_logged = True
                 return False
             raise PermissionDeniedError(
                 f"polkit could not decide {action}{subject}: {name} "
                 f"{reply.body[0] if reply is not None and reply.body else ''}".rstrip() + ".",
                 details=facts,
             )
+        self._absent_logged = False
         authorized, challenge, result = reply.body[0]
         if authorized:
             if result.get("polkit.retains_authorization_after_challenge") in ("1", "true"):

@@ -47,6 +47,7 @@ def test_fuzzed_calls_get_typed_answers_and_neurond_survives(
     for name, text in seen.items():
         if name != "ok":
             assert text and "Traceback" not in text and "\\n" not in text, (name, text)
+            assert ".py" not in text and str(REPO) not in text, (name, text)  # no code paths
     if uid:
         assert "org.neuronos.Neuron1.Error.PermissionDenied" in seen
     assert daemon.proc is not None and daemon.proc.poll() is None, daemon.stderr_text()[-2000:]

@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import ERR
-from tests.harness import Daemon, PrivateBus, gdbus, make_test_node_xml, node_uri, run_as_nobody
+from tests.bus.conftest import ERR, TEST_PATH
+from tests.harness import (
+    Daemon,
+    PrivateBus,
+    busctl,
+    gdbus,
+    make_test_node_xml,
+    node_uri,
+    run_as_nobody,
+)
 from tests.polkit import PrivatePolkit
 
 VM_IFACE = "org.neuronos.Neuron1.VM"
@@ -197,3 +207,131 @@ def test_policy_file_has_api_md_actions_and_defaults() -> None:
             d.findtext("allow_active"),
         )
     assert actions == rows
+
+
+def test_pkaction_knows_every_action_with_its_defaults(tmp_path: Path) -> None:
+    """polkit's own tool reads the shipped policy file (run against the private polkitd)."""
+    with PrivateBus(include_system_policies=True) as bus, PrivatePolkit(bus, "") as _:
+        out = subprocess.run(
+            ["pkaction", "--verbose"],
+            env=bus.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    for action in (
+        "vm-lifecycle",
+        "vm-console",
+        "vm-manage",
+        "guest",
+        "guest-exec",
+        "cancel-job-other-user",
+    ):
+        assert f"org.neuronos.neuron1.{action}:" in out.stdout
+    block = out.stdout.split("org.neuronos.neuron1.vm-manage:", 1)[1].split("\n\n", 1)[0]
+    assert "implicit active:   auth_admin_keep" in block
+
+
+# python-dbusmock's polkitd stands in for polkit where a real one cannot: a hang, a delay,
+# and a prompt that a person answered (the mock grants what SetAllowed lists).
+MOCK_OWN = (
+    '<policy user="root"><allow own="org.freedesktop.PolicyKit1"/></policy>'
+    '<policy context="default"><allow send_destination="org.freedesktop.PolicyKit1"/></policy>'
+)
+
+
+class MockPolkit:
+    def __init__(self, bus: PrivateBus) -> None:
+        self.bus = bus
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+            env=bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while busctl(bus, "status", "org.freedesktop.PolicyKit1").returncode != 0:
+            assert time.monotonic() < deadline and self.proc.poll() is None, "mock polkitd"
+            time.sleep(0.05)
+
+    def control(self, method: str, *args: str) -> None:
+        out = busctl(
+            self.bus,
+            "call",
+            "org.freedesktop.PolicyKit1",
+            "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.DBus.Mock",
+            method,
+            *args,
+        )
+        assert out.returncode == 0, out.stderr
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def mock_setup() -> Iterator[tuple[PrivateBus, MockPolkit, Daemon]]:
+    with PrivateBus(extra_config=MOCK_OWN) as bus:
+        mock = MockPolkit(bus)
+        daemon = Daemon(
+            bus, config={"authorization": {"polkit": True}, "timeouts": {"call_s": 4}}
+        ).start()
+        try:
+            yield bus, mock, daemon
+        finally:
+            daemon.close()
+            mock.stop()
+
+
+def _nobody_call(
+    bus: PrivateBus, method: str, *args: str, interactive: bool = False
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.neuronos.Neuron1",
+        "--object-path",
+        TEST_PATH,
+        "--method",
+        f"{VM_IFACE}.{method}",
+        *(["--interactive"] if interactive else []),
+        *args,
+    ]
+    return subprocess.run(
+        run_as_nobody(cmd), env=bus.env(), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_hanging_polkit_is_a_bounded_permission_denied(
+    mock_setup: tuple[PrivateBus, MockPolkit, Daemon],
+) -> None:
+    bus, mock, _ = mock_setup
+    mock.control("SetAllowed", "as", "1", "org.neuronos.neuron1.vm-lifecycle")
+    mock.control("SimulateHang", "b", "true")
+    started = time.monotonic()
+    refused = _nobody_call(bus, "Pause")
+    elapsed = time.monotonic() - started
+    assert _error(refused) == ERR + "PermissionDenied"
+    assert "did not answer" in refused.stderr
+    assert elapsed < 4, elapsed  # the polkit bound (call_s / 2), inside the call bound
+
+
+def test_slow_polkit_still_answers(mock_setup: tuple[PrivateBus, MockPolkit, Daemon]) -> None:
+    bus, mock, _ = mock_setup
+    mock.control("SetAllowed", "as", "1", "org.neuronos.neuron1.vm-lifecycle")
+    mock.control("SetDelay", "d", "1")
+    result = _nobody_call(bus, "Pause")
+    assert result.returncode == 0, result.stderr
+
+
+def test_interactive_prompt_answered_yes(mock_setup: tuple[PrivateBus, MockPolkit, Daemon]) -> None:
+    bus, mock, _ = mock_setup
+    mock.control("SetAllowed", "as", "1", "org.neuronos.neuron1.vm-manage")
+    result = _nobody_call(bus, "SetAutostart", "true", interactive=True)
+    assert result.returncode == 0, result.stderr
+    # An action the person did not grant stays refused.
+    assert _error(_nobody_call(bus, "Pause", interactive=True)) == ERR + "PermissionDenied"
