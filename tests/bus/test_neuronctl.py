@@ -1,0 +1,73 @@
+"""neuronctl against a live neurond: tables, --json for scripts, typed exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from neurond.errors import InvalidStateError, VMNotFoundError
+from tests.harness import Daemon, PrivateBus
+
+
+def ctl(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "neurond.cli.main", *args],
+        env=bus.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_list_table_and_json(private_bus: PrivateBus, daemon: Daemon) -> None:
+    table = ctl(private_bus, "list")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["NAME", "STATE", "UUID"]
+    assert "test" in table.stdout and "running" in table.stdout
+    data = json.loads(ctl(private_bus, "--json", "list").stdout)
+    assert data == [
+        {
+            "name": "test",
+            "uuid": "6695eb01-f6a4-8304-79aa-97f2502e193f",
+            "path": "/org/neuronos/Neuron1/vm/6695eb01_f6a4_8304_79aa_97f2502e193f",
+            "state": "running",
+        }
+    ]
+
+
+def test_lifecycle_and_show(private_bus: PrivateBus, daemon: Daemon) -> None:
+    assert ctl(private_bus, "pause", "test").returncode == 0
+    shown = json.loads(ctl(private_bus, "--json", "show", "test").stdout)
+    assert shown["State"] == "paused" and shown["StateReason"] == "user"
+    assert ctl(private_bus, "resume", "test").returncode == 0
+    done = ctl(private_bus, "--json", "shutdown", "test")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "completed"
+    assert json.loads(ctl(private_bus, "--json", "show", "test").stdout)["State"] == "shutoff"
+    jobs = json.loads(ctl(private_bus, "--json", "jobs").stdout)
+    assert [j["Operation"] for j in jobs] == ["shutdown-vm"]
+
+
+def test_typed_errors_exit_distinctly(private_bus: PrivateBus, daemon: Daemon) -> None:
+    missing = ctl(private_bus, "show", "nosuchvm")
+    assert missing.returncode == 10 + VMNotFoundError.number
+    assert missing.stderr.startswith("error: There is no VM named 'nosuchvm'. [VM_NOT_FOUND]")
+    assert "hint:" not in missing.stderr  # VMNotFound is not recoverable
+    bad_state = ctl(private_bus, "resume", "test")
+    assert bad_state.returncode == 10 + InvalidStateError.number
+    assert "[VM_INVALID_STATE]" in bad_state.stderr and "hint:" in bad_state.stderr
+
+
+def test_errors_and_hw(private_bus: PrivateBus, daemon: Daemon) -> None:
+    errors = json.loads(ctl(private_bus, "--json", "errors").stdout)
+    assert len(errors) == 23 and errors[0]["code"] == "VM_NOT_FOUND"
+    hw = json.loads(ctl(private_bus, "--json", "hw").stdout)
+    assert set(hw) == {"iommu", "gpus"} and "enabled" in hw["iommu"]
+
+
+def test_no_daemon_is_a_bus_error(private_bus: PrivateBus) -> None:
+    result = ctl(private_bus, "list")
+    assert result.returncode == 3  # ServiceUnknown: a bus-level failure
+    assert result.stderr.startswith("error:")
