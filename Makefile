@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-k harness -x'
 PYTEST_ARGS ?=
 
-.PHONY: all venv test lint demo bench clean
+.PHONY: all venv test lint demo bench clean install
 
 all: lint test
 
@@ -32,3 +32,16 @@ clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
 	rm -rf *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Lays the installed tree (what the Arch package ships) under DESTDIR.
+DESTDIR ?=
+PREFIX  ?= /usr
+install:
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --root "$(DESTDIR)/" --prefix "$(PREFIX)" .
+	install -Dm644 systemd/neurond.service "$(DESTDIR)$(PREFIX)/lib/systemd/system/neurond.service"
+	install -Dm644 dbus/org.neuronos.Neuron1.conf "$(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.neuronos.Neuron1.conf"
+	install -Dm644 dbus/org.neuronos.Neuron1.service "$(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.neuronos.Neuron1.service"
+	install -Dm644 dbus/org.neuronos.Neuron1.xml "$(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.neuronos.Neuron1.xml"
+	install -Dm644 polkit/org.neuronos.neuron1.policy "$(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.neuronos.neuron1.policy"
+	install -Dm644 packaging/neurond.toml "$(DESTDIR)/etc/neurond/neurond.toml"
+	install -Dm644 README.md "$(DESTDIR)$(PREFIX)/share/doc/neurond/README.md"
