@@ -44,4 +44,5 @@ install:
 	install -Dm644 dbus/org.neuronos.Neuron1.xml "$(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.neuronos.Neuron1.xml"
 	install -Dm644 polkit/org.neuronos.neuron1.policy "$(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.neuronos.neuron1.policy"
 	install -Dm644 packaging/neurond.toml "$(DESTDIR)/etc/neurond/neurond.toml"
+	install -Dm644 systemd/neurond.catalog "$(DESTDIR)$(PREFIX)/lib/systemd/catalog/neurond.catalog"
 	install -Dm644 README.md "$(DESTDIR)$(PREFIX)/share/doc/neurond/README.md"

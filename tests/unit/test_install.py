@@ -20,6 +20,7 @@ EXPECTED = [
     "usr/share/dbus-1/interfaces/org.neuronos.Neuron1.xml",
     "usr/share/polkit-1/actions/org.neuronos.neuron1.policy",
     "etc/neurond/neurond.toml",
+    "usr/lib/systemd/catalog/neurond.catalog",
     "usr/share/doc/neurond/README.md",
     "usr/bin/neurond",
     "usr/bin/neuronctl",
