@@ -37,7 +37,7 @@ clean:
 DESTDIR ?=
 PREFIX  ?= /usr
 install:
-	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --root "$(DESTDIR)/" --prefix "$(PREFIX)" .
+	$(PYTHON) -m pip install --quiet --ignore-installed --no-deps --no-build-isolation --root "$(DESTDIR)/" --prefix "$(PREFIX)" .
 	install -Dm644 systemd/neurond.service "$(DESTDIR)$(PREFIX)/lib/systemd/system/neurond.service"
 	install -Dm644 dbus/org.neuronos.Neuron1.conf "$(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.neuronos.Neuron1.conf"
 	install -Dm644 dbus/org.neuronos.Neuron1.service "$(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.neuronos.Neuron1.service"
