@@ -41,6 +41,9 @@ class DownloadsConfig(_Section):
     max_parallel: int = Field(2, ge=1, le=16)
     allow_insecure_loopback: bool = False
     ca_bundle: str = ""
+    connect_timeout_s: float = Field(30, gt=0, le=600)
+    idle_timeout_s: float = Field(60, gt=0, le=3600)  # no byte for this long: the link is dead
+    max_retries: int = Field(5, ge=0, le=100)  # attempts in a row that bring no new byte
 
 
 class TimeoutsConfig(_Section):

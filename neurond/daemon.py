@@ -21,11 +21,15 @@ from neurond.bus import writer
 from neurond.bus.auth import Authorizer
 from neurond.bus.router import Router
 from neurond.bus.service import BusService
+from neurond.core.features import FeatureRegistry
 from neurond.core.jobs import JobManager
 from neurond.core.service import VMService
+from neurond.downloads import DownloadManager
 from neurond.errors import NeuronError
 from neurond.hardware import HardwareReader
 from neurond.virt.backend import LibvirtBackend, register_event_loop
+from neurond.virt.create import make_creator
+from neurond.virt.features import host_features, libvirt_features
 
 BUS_NAME = "org.neuronos.Neuron1"
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -113,15 +117,22 @@ class Daemon:
         backend = LibvirtBackend(self.cfg.libvirt_uri, self)
         self.core = core = VMService(backend, svc, jobs)
         svc.attach(core, jobs)
+        svc.downloads = DownloadManager(jobs, self.cfg.downloads.max_parallel)
+        features = FeatureRegistry([*libvirt_features(backend), *host_features()])
+        svc.features = features
+        svc.creator = creator = make_creator(core, backend, lambda: self.cfg)
 
         first_sync = asyncio.Event()
 
         async def on_connected() -> None:
+            await creator.recover()  # creates a killed neurond left half done (first time only)
             try:
                 await core.sync()
             except NeuronError as e:
                 log.log_error(_log, e, f"Could not read the domain list: {e.message}")
             core.connection_changed(True)
+            if await features.refresh():  # what QEMU offers may differ after a reconnect
+                svc.features_changed()
             first_sync.set()
 
         backend_task = asyncio.create_task(backend.run(on_connected))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid as _uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from neurond.errors import InvalidArgumentError
@@ -81,6 +82,63 @@ def pci_address(value: str, argument: str = "address") -> str:
     return value.lower()
 
 
+# A program path in a guest: POSIX (/bin/sh), a Windows drive (C:\ or C:/) or UNC (\\host\share).
+_GUEST_ABSOLUTE_RE = re.compile(r"/|[A-Za-z]:[\\/]|\\\\[^\\]")
+MAX_GUEST_ARGS = 256
+
+
+def guest_command(path: str, args: list[str]) -> tuple[str, tuple[str, ...]]:
+    """GuestExec's program and arguments: an absolute path, bounded sizes, no NUL."""
+    if not _GUEST_ABSOLUTE_RE.match(path) or "\0" in path or len(path) > MAX_STRING:
+        raise InvalidArgumentError(
+            f"{_show(path)!r} is not an absolute path: give the program's full path in the "
+            "guest, e.g. /bin/sh or C:\\Windows\\System32\\cmd.exe.",
+            details={"argument": "path"},
+        )
+    if len(args) > MAX_GUEST_ARGS:
+        raise InvalidArgumentError(
+            f"Too many arguments: {len(args)} (at most {MAX_GUEST_ARGS}).",
+            details={"argument": "args"},
+        )
+    for i, arg in enumerate(args):
+        if len(arg) > MAX_STRING or "\0" in arg:
+            raise InvalidArgumentError(
+                f"Argument {i} is longer than {MAX_STRING} characters or holds a NUL.",
+                details={"argument": "args", "index": i},
+            )
+    return path, tuple(args)
+
+
+def file_under_roots(value: str, roots: Sequence[Path], argument: str) -> str:
+    """The real path of an existing regular file given as an absolute path without ``..``,
+    if it lies under one of ``roots`` once every symlink is resolved (no symlink escape)."""
+
+    def bad(why: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"{argument} {_show(value)!r} {why}.", details={"argument": argument}
+        )
+
+    if not value.startswith("/") or "\0" in value or len(value) > MAX_STRING:
+        raise bad("is not an absolute path")
+    if ".." in value.split("/"):
+        raise bad("must not contain '..'")
+    try:
+        real = Path(value).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise bad("does not exist") from None
+    for root in roots:
+        try:
+            real_root = root.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if real.is_relative_to(real_root) and real != real_root:
+            if not real.is_file():
+                raise bad("is not a regular file")
+            return str(real)
+    shown = ", ".join(str(r) for r in roots) or "(none configured)"
+    raise bad(f"is not under an ISO root ({shown})")
+
+
 class Options:
     """Typed reader for an ``a{sv}`` argument; ``done()`` rejects keys nobody read."""
 
@@ -121,6 +179,18 @@ class Options:
                 details={"option": key, "value": value},
             )
         return int(value)
+
+    def blob(self, key: str, *, max_length: int) -> bytes:
+        """Raw bytes (``ay``), at most ``max_length`` of them; b"" when absent."""
+        value = self._take(key, "a byte array (ay)", {"ay"})
+        if value is None:
+            return b""
+        if len(value) > max_length:
+            raise InvalidArgumentError(
+                f"Option {key!r} of {self._what} is longer than {max_length} bytes.",
+                details={"option": key},
+            )
+        return bytes(value)
 
     def str(self, key: str, default: str = "", *, max_length: int = MAX_STRING) -> str:
         value = self._take(key, "a string (s)", {"s"})

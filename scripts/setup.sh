@@ -14,6 +14,8 @@ APT_PACKAGES=(
     polkitd
     # journald, busctl, systemd-analyze; unshare, setpriv, nsenter
     systemd util-linux
+    # xmllint, which virt-xml-validate runs (tests/unit/test_domain.py checks domain XML)
+    libxml2-utils
     # `python3 -m venv` on Debian's own python3; make for the Makefile and .ci/run
     python3-venv make
 )

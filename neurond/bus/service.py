@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dbus_fast import Variant
 
 from neurond import __version__, validate
+from neurond.bus import create as bus_create
 from neurond.bus.auth import Authorizer
 from neurond.bus.router import Call, Exported, Router
 from neurond.bus.spec import (
@@ -29,10 +31,19 @@ from neurond.bus.spec import (
     VM_IFACE,
 )
 from neurond.config import Config
+from neurond.core.create import Creator
+from neurond.core.features import FeatureRegistry
+from neurond.core.guest import MAX_EXEC_STDIN, ExecRequest
 from neurond.core.jobs import Job, JobManager
 from neurond.core.service import VMService
 from neurond.core.vm import VM as CoreVM
-from neurond.errors import InvalidStateError, LimitExceededError, error_table
+from neurond.downloads import DownloadManager
+from neurond.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    LimitExceededError,
+    error_table,
+)
 from neurond.hardware import GPU, HardwareReader, Readiness
 
 # The polkit action of every method that is not a read (API.md, Authorization).
@@ -45,6 +56,13 @@ ACTIONS: dict[tuple[str, str], str] = {
     (VM, "Pause"): "vm-lifecycle",
     (VM, "Resume"): "vm-lifecycle",
     (VM, "SetAutostart"): "vm-manage",
+    (MANAGER, "DownloadImage"): "vm-manage",
+    (MANAGER, "CreateVM"): "vm-manage",
+    (VM, "Delete"): "vm-manage",
+    (VM, "GetDisplay"): "vm-console",
+    (VM, "GuestPing"): "guest",
+    (VM, "GuestInfo"): "guest",
+    (VM, "GuestExec"): "guest-exec",
     (JOB, "Cancel"): "cancel-job-other-user",  # only when the caller did not start the job
 }
 READS: frozenset[tuple[str, str]] = frozenset(
@@ -59,6 +77,9 @@ READS: frozenset[tuple[str, str]] = frozenset(
         ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     }
 )
+
+# Seconds of call_s kept free after a GuestExec's run for killing it and replying.
+EXEC_REPLY_MARGIN_S = 2.0
 
 VM_PROPS = {
     "name": "Name",
@@ -126,6 +147,9 @@ class BusService:
         self.core: VMService | None = None
         self.jobs: JobManager | None = None
         self._connected = False
+        self.features: FeatureRegistry | None = None  # set by the daemon
+        self.downloads: DownloadManager | None = None  # set by the daemon
+        self.creator: Creator | None = None  # set by the daemon (CreateVM, Delete)
 
     def attach(self, core: VMService, jobs: JobManager) -> None:
         self.core, self.jobs = core, jobs
@@ -148,6 +172,8 @@ class BusService:
                         "GetVM": self._get_vm,
                         "ListJobs": self._list_jobs,
                         "ListErrors": self._list_errors,
+                        "DownloadImage": self._download_image,
+                        "CreateVM": functools.partial(bus_create.create_vm, self),
                     },
                 ),
                 Exported(
@@ -179,7 +205,12 @@ class BusService:
 
     def _features(self) -> list[str]:
         # Read on every read of the property: a GPU can be rebound or hot-plugged at any time.
-        return ["gpu-passthrough"] if self.hardware.any_ready() else []
+        # The registry's features are cached and change on refresh (features_changed).
+        cached = self.features.available() if self.features is not None else []
+        return cached + (["gpu-passthrough"] if self.hardware.any_ready() else [])
+
+    def features_changed(self) -> None:
+        self.router.properties_changed(MANAGER_PATH, MANAGER, {"Features": self._features()})
 
     async def _get_managed_objects(self, call: Call) -> Any:
         return self.router.managed_objects()
@@ -196,6 +227,25 @@ class BusService:
 
     async def _list_errors(self, call: Call) -> list[list[Any]]:
         return [list(row) for row in error_table()]
+
+    async def _download_image(self, call: Call, url: str, options: dict[str, Variant]) -> str:
+        assert self.downloads is not None, "the daemon sets downloads"
+        opts = validate.Options(unwrap(options), "DownloadImage")
+        sha256 = opts.str("sha256", max_length=64)
+        filename = opts.str("filename", max_length=1024)
+        size = opts.uint("size", 0, minimum=1) if "size" in options else None
+        opts.done()
+        if not sha256:
+            raise InvalidArgumentError(
+                "Option 'sha256' of DownloadImage is required: the SHA-256 of the file.",
+                details={"option": "sha256"},
+            )
+        request = self.downloads.check(
+            url, {"sha256": sha256, "filename": filename, "size": size}, self.config
+        )
+        uid = await self.auth.authorize(call.sender, ACTIONS[(MANAGER, "DownloadImage")])
+        self._check_job_limit(uid)
+        return job_path(self.downloads.start(request, uid, self.config))
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -245,6 +295,11 @@ class BusService:
             "Reset": simple(core.reset, "Reset"),
             "Pause": simple(core.pause, "Pause"),
             "Resume": simple(core.resume, "Resume"),
+            "Delete": functools.partial(bus_create.delete, self, vm),
+            "GetDisplay": functools.partial(self._get_display, vm),
+            "GuestPing": functools.partial(self._guest_ping, vm),
+            "GuestInfo": functools.partial(self._guest_info, vm),
+            "GuestExec": functools.partial(self._guest_exec, vm),
         }
 
     async def _start(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> None:
@@ -266,6 +321,52 @@ class BusService:
     async def _set_autostart(self, vm: CoreVM, call: Call, enabled: bool) -> None:
         await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name, vm.uuid)
         await self._core().set_autostart(vm, enabled)
+
+    # ---- guest agent and display (replies within call_s: GuestExec's run is bounded) ----
+
+    async def _get_display(self, vm: CoreVM, call: Call) -> dict[str, Variant]:
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "GetDisplay")], vm.name, vm.uuid)
+        d = await self._core().display(vm)
+        out = {"kind": Variant("s", d.kind)}
+        if d.shm_path:
+            out["shm_path"] = Variant("s", d.shm_path)
+        if d.uri:
+            out["uri"] = Variant("s", d.uri)
+        if d.fallback_reason:
+            out["fallback_reason"] = Variant("s", d.fallback_reason)
+        return out
+
+    async def _guest_ping(self, vm: CoreVM, call: Call) -> None:
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestPing")], vm.name, vm.uuid)
+        await self._core().guest_ping(vm, self.config.timeouts.guest_agent_s)
+
+    async def _guest_info(self, vm: CoreVM, call: Call) -> dict[str, Variant]:
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestInfo")], vm.name, vm.uuid)
+        info = await self._core().guest_info(vm, self.config.timeouts.guest_agent_s)
+        return {
+            "os": Variant("s", info.os),
+            "kernel": Variant("s", info.kernel),
+            "hostname": Variant("s", info.hostname),
+            "agent_version": Variant("s", info.agent_version),
+        }
+
+    async def _guest_exec(
+        self, vm: CoreVM, call: Call, path: str, args: list[str], options: dict[str, Variant]
+    ) -> list[Any]:
+        path, argv = validate.guest_command(path, args)
+        opts = validate.Options(unwrap(options), "GuestExec")
+        t = self.config.timeouts
+        timeout_s = opts.uint(
+            "timeout_s", math.ceil(t.guest_agent_s), minimum=1, maximum=math.floor(t.call_s)
+        )
+        stdin = opts.blob("stdin", max_length=MAX_EXEC_STDIN)
+        opts.done()
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestExec")], vm.name, vm.uuid)
+        # The reply must come within call_s: leave room for the kill after a timeout.
+        run_s = max(1.0, min(float(timeout_s), t.call_s - EXEC_REPLY_MARGIN_S))
+        request = ExecRequest(path, argv, stdin, run_s)
+        result = await self._core().guest_exec(vm, request, t.guest_agent_s)
+        return [result.exit_code, result.stdout, result.stderr]
 
     def _check_job_limit(self, uid: int) -> None:
         assert self.jobs is not None

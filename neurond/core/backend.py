@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo
 from neurond.core.states import VMState
 
 
@@ -64,3 +65,13 @@ class Backend(Protocol):
     async def reset(self, uuid: str) -> None: ...
 
     async def set_autostart(self, uuid: str, enabled: bool) -> None: ...
+
+    async def guest_ping(self, uuid: str, timeout_s: float) -> None:
+        """Each guest agent command waits at most ``timeout_s``."""
+
+    async def guest_info(self, uuid: str, timeout_s: float) -> GuestInfo: ...
+
+    async def guest_exec(self, uuid: str, request: ExecRequest, timeout_s: float) -> ExecResult: ...
+
+    async def display(self, uuid: str) -> Display:
+        """The best usable display, from the live domain XML and the host."""

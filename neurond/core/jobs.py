@@ -35,6 +35,13 @@ class JobListener(Protocol):
     def job_removed(self, job: Job) -> None: ...
 
 
+class Slot(Protocol):
+    """Admission for jobs that share a limit (asyncio.Semaphore is one)."""
+
+    async def acquire(self) -> Any: ...
+    def release(self) -> None: ...
+
+
 class Job:
     """One long operation. Its work is a coroutine given the job (to report progress)."""
 
@@ -84,14 +91,13 @@ class Job:
         *,
         done_bytes: int | None = None,
         total_bytes: int | None = None,
+        rate: int | None = None,
         force: bool = False,
     ) -> None:
         """Record progress; signalled at most every PROGRESS_INTERVAL_S unless forced."""
         now = time.monotonic()
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
-            if progress is not None:
-                self.progress = max(0.0, min(1.0, progress))
-            return
+            return  # throttled: the next report carries the newer values
         self._last_progress = now
         changes: dict[str, Any] = {}
         if progress is not None:
@@ -101,6 +107,8 @@ class Job:
             changes["bytes"] = done_bytes
         if total_bytes is not None:
             changes["total_bytes"] = total_bytes
+        if rate is not None:
+            changes["rate"] = rate
         self._set(**changes)
 
     def cancel(self) -> bool:
@@ -135,6 +143,21 @@ class Job:
                 return
             self._finish(JobState.COMPLETED, None)
 
+    async def _run_in(self, slot: Slot, work: Callable[[Job], Awaitable[None]]) -> None:
+        """Stay ``queued`` until ``slot`` admits the job, then run it, holding the slot."""
+        try:
+            await slot.acquire()
+        except asyncio.CancelledError:
+            with log.bind(job=str(self.number)):
+                self._finish(
+                    JobState.CANCELLED, CancelledError(f"The {self.operation} job was cancelled.")
+                )
+            return
+        try:
+            await self._run(work)
+        finally:
+            slot.release()
+
     def _finish(self, state: JobState, error: NeuronError | None) -> None:
         self.error = error
         changes: dict[str, Any] = {"state": state, "cancelable": False}
@@ -157,13 +180,19 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(
-        self, operation: str, uid: int, objects: list[str], work: Callable[[Job], Awaitable[None]]
+        self,
+        operation: str,
+        uid: int,
+        objects: list[str],
+        work: Callable[[Job], Awaitable[None]],
+        slot: Slot | None = None,
     ) -> Job:
+        """Start ``work`` as a job; with a ``slot`` it stays queued until the slot admits it."""
         job = Job(self, self._next, operation, uid, objects)
         self._next += 1
         self.jobs[job.number] = job
         self.listener.job_added(job)
-        job._task = self._spawn(job._run(work))
+        job._task = self._spawn(job._run(work) if slot is None else job._run_in(slot, work))
         return job
 
     def count_for_uid(self, uid: int) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from neurond import log
 from neurond.core.backend import Backend, DomainInfo
+from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo, agent_unavailable
 from neurond.core.jobs import Job, JobManager
 from neurond.core.states import ALLOWED, Method, VMState
 from neurond.core.vm import VM, Operation
@@ -112,7 +113,8 @@ class VMService:
     def _apply(self, uuid: str, info: DomainInfo | None) -> None:
         vm = self.vms.get(uuid)
         if info is None:
-            if vm is not None:
+            # A VM being created has no domain yet (or it is rolled back): its create owns it.
+            if vm is not None and not (vm.op is not None and vm.op.method is Method.CREATE):
                 del self.vms[uuid]
                 vm.removed = True
                 vm.update()
@@ -215,6 +217,29 @@ class VMService:
         self._check(vm, Method.SET_AUTOSTART)
         await self.backend.set_autostart(vm.uuid, enabled)
         await self.refresh(vm.uuid)
+
+    # ---- guest agent and display (no transition: they leave the state alone) ------------
+
+    def _check_agent(self, vm: VM) -> None:
+        self._check(vm, Method.GUEST)
+        if vm.info.guest_agent != "connected":  # API.md: fail without waiting
+            raise agent_unavailable(vm.name, vm.info.guest_agent)
+
+    async def guest_ping(self, vm: VM, agent_timeout_s: float) -> None:
+        self._check_agent(vm)
+        await self.backend.guest_ping(vm.uuid, agent_timeout_s)
+
+    async def guest_info(self, vm: VM, agent_timeout_s: float) -> GuestInfo:
+        self._check_agent(vm)
+        return await self.backend.guest_info(vm.uuid, agent_timeout_s)
+
+    async def guest_exec(self, vm: VM, request: ExecRequest, agent_timeout_s: float) -> ExecResult:
+        self._check_agent(vm)
+        return await self.backend.guest_exec(vm.uuid, request, agent_timeout_s)
+
+    async def display(self, vm: VM) -> Display:
+        self._check(vm, Method.DISPLAY)
+        return await self.backend.display(vm.uuid)
 
     async def force_off(self, vm: VM) -> None:
         # ForceOff takes over a Shutdown job (which ends cancelled) and waits out other

@@ -38,6 +38,7 @@ class Method(StrEnum):
     SET_AUTOSTART = "set-autostart"
     GUEST = "guest"
     DISPLAY = "display"
+    CREATE = "create"  # not a call: the slot a CreateVM job holds until it ends
 
 
 # API.md "What each method does in each state": anything not listed fails with InvalidState.
@@ -56,6 +57,7 @@ ALLOWED: dict[Method, frozenset[VMState]] = {
     Method.SET_AUTOSTART: _NOT_BUSY,
     Method.GUEST: frozenset({S.RUNNING}),
     Method.DISPLAY: frozenset({S.RUNNING, S.PAUSED}),
+    Method.CREATE: frozenset(),  # only CreateVM itself takes this slot, on a new VM
 }
 
 # The state a method shows while it runs, with the reason it gives (API.md: the method's name).
@@ -64,6 +66,7 @@ TRANSIENT: dict[Method, tuple[VMState, str]] = {
     Method.SHUTDOWN: (S.STOPPING, "shutdown"),
     Method.DELETE: (S.DELETING, "delete"),
     Method.DELETE_FORCE: (S.DELETING, "delete"),
+    Method.CREATE: (S.CREATING, "create"),
 }
 
 

@@ -20,6 +20,7 @@ import libvirtaio
 
 from neurond import faults, log
 from neurond.core.backend import DomainInfo, EventSink
+from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo
 from neurond.core.states import from_libvirt
 from neurond.domain.parse import summarize
 from neurond.errors import (
@@ -30,7 +31,9 @@ from neurond.errors import (
     VMStartFailedError,
     VMStopFailedError,
 )
+from neurond.virt import display
 from neurond.virt.errors import translate
+from neurond.virt.guest import GuestAgent
 
 _log = logging.getLogger("neurond.virt")
 T = TypeVar("T")
@@ -59,6 +62,11 @@ class LibvirtBackend:
         self._uri = uri
         self._sink = sink
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        # Guest agent commands wait up to timeouts.guest_agent_s each: their own threads, so
+        # unresponsive agents cannot hold up lifecycle calls.
+        self._agent_executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="libvirt-agent"
+        )
         self._conn: libvirt.virConnect | None = None
         self._callbacks: list[int] = []
         self._lost = asyncio.Event()
@@ -173,6 +181,7 @@ class LibvirtBackend:
         self._lost.set()
         await self._drop()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._agent_executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- calls --------------------------------------------------------------------------
 
@@ -183,6 +192,7 @@ class LibvirtBackend:
         doing: str,
         vm: str,
         fn: Callable[[libvirt.virConnect], T],
+        executor: ThreadPoolExecutor | None = None,
     ) -> T:
         conn = self._conn
         if conn is None:
@@ -200,7 +210,7 @@ class LibvirtBackend:
         try:
             # copy_context: log fields bound by the caller (vm, sender) follow into the thread
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, contextvars.copy_context().run, run
+                executor or self._executor, contextvars.copy_context().run, run
             )
         except libvirt.libvirtError as e:
             err = translate(e, fallback, doing, vm)
@@ -320,3 +330,48 @@ class LibvirtBackend:
             uuid,
             lambda d: d.setAutostart(1 if enabled else 0),
         )
+
+    # ---- guest agent, display, capabilities ---------------------------------------------
+
+    def _agent(self, uuid: str, timeout_s: float) -> GuestAgent:
+        async def run(point: str, doing: str, fn: Callable[[libvirt.virDomain], Any]) -> Any:
+            def on_domain(conn: libvirt.virConnect) -> Any:
+                return fn(conn.lookupByUUIDString(uuid))
+
+            return await self._call(
+                point, OperationFailedError, doing, uuid, on_domain, self._agent_executor
+            )
+
+        return GuestAgent(run, uuid, timeout_s)
+
+    async def guest_ping(self, uuid: str, timeout_s: float) -> None:
+        await self._agent(uuid, timeout_s).ping()
+
+    async def guest_info(self, uuid: str, timeout_s: float) -> GuestInfo:
+        return await self._agent(uuid, timeout_s).info()
+
+    async def guest_exec(self, uuid: str, request: ExecRequest, timeout_s: float) -> ExecResult:
+        return await self._agent(uuid, timeout_s).exec(request)
+
+    async def display(self, uuid: str) -> Display:
+        xml = await self._call(
+            "virt.display",
+            OperationFailedError,
+            "read the display of",
+            uuid,
+            lambda conn: conn.lookupByUUIDString(uuid).XMLDesc(0),
+        )
+        # stat() of a /dev/shm file: a thread, as every file access of the daemon
+        return await asyncio.to_thread(display.choose, xml)
+
+    async def driver_type(self) -> str:
+        return await self._call(
+            "virt.capabilities", OperationFailedError, "read the driver type", "",
+            lambda conn: str(conn.getType()),
+        )  # fmt: skip
+
+    async def domain_capabilities(self) -> str:
+        return await self._call(
+            "virt.capabilities", OperationFailedError, "read the domain capabilities", "",
+            lambda conn: str(conn.getDomainCapabilities(None, None, None, None, 0)),
+        )  # fmt: skip

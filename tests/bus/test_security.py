@@ -38,7 +38,12 @@ LIFECYCLE_ARGS: dict[str, tuple[str, ...]] = {
     "Reset": (),
     "Pause": (),
     "Resume": (),
+    "Delete": ("{}",),
     "SetAutostart": ("true",),
+    "GetDisplay": (),
+    "GuestPing": (),
+    "GuestInfo": (),
+    "GuestExec": ("/bin/true", "[]", "{}"),
 }
 
 

@@ -24,6 +24,7 @@ CONTRACT = {
     Method.SET_AUTOSTART: {s.value for s in VMState} - {"creating", "deleting"},
     Method.GUEST: {"running"},
     Method.DISPLAY: {"running", "paused"},
+    Method.CREATE: set(),  # not a call: CreateVM's job holds it on the new VM
 }
 
 

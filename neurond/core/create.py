@@ -1,0 +1,442 @@
+"""Creating and deleting VMs as jobs: a create is a transaction with a record on disk.
+
+Before its first step a create writes a record of everything it will make (volume, NVRAM,
+Looking Glass shm file, domain) to ``storage.state_dir``; it marks steps as they finish and
+removes the record at the end. A failure or cancel rolls back everything the record names,
+and so does the next start of neurond for records a killed daemon left behind. Every name in
+a record holds the VM's fresh UUID, so rolling back can only ever touch what the create made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from neurond import faults, log
+from neurond.core.backend import DomainInfo
+from neurond.core.jobs import Job
+from neurond.core.service import VMService
+from neurond.core.states import Method, VMState
+from neurond.core.vm import VM, Operation
+from neurond.domain.build import HostFacts, VMFiles, to_xml
+from neurond.domain.parse import summarize
+from neurond.domain.spec import KEY_TYPES, Settings, looking_glass_mib, parse_spec, resolve
+from neurond.errors import (
+    InvalidStateError,
+    LibvirtConnectionFailedError,
+    NeuronError,
+    VMAlreadyExistsError,
+    VMCreationFailedError,
+    VMNotFoundError,
+)
+
+_log = logging.getLogger("neurond.create")
+RECORD_RE = re.compile(
+    r"create-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.json"
+)
+STEPS = ("volume", "nvram", "shm", "define", "autostart")
+
+
+@dataclass
+class Plan:
+    """What one create makes (the record's content); empty fields are not made."""
+
+    uuid: str
+    name: str
+    pool_dir: str = ""
+    volume: str = ""  # volume name in the pool of pool_dir
+    capacity_gib: int = 0
+    nvram: str = ""
+    nvram_template: str = ""
+    shm: str = ""
+    shm_mib: int = 0
+    xml: str = ""
+    autostart: bool = False
+    done: list[str] = field(default_factory=list)
+
+
+SPEC_KEYS = KEY_TYPES  # CreateVM's spec keys and the Python type each is read as
+__all__ = [
+    "SPEC_KEYS",
+    "Creator",
+    "Plan",
+    "Provisioner",
+    "RecordStore",
+    "Settings",
+    "settings_from",
+]
+
+
+def settings_from(values: dict[str, Any]) -> Settings:
+    """CreateVM's spec (already read by type) checked and resolved over its profile."""
+    return resolve(parse_spec(values))
+
+
+class Provisioner(Protocol):
+    """The host side of creating and deleting VMs (implemented by neurond.virt.create).
+
+    Removal methods treat a missing object as removed. Every method raises NeuronError only.
+    """
+
+    async def host_facts(self, settings: Settings) -> HostFacts:
+        """What the host gives the VM; MissingDependencyError when it lacks firmware or swtpm."""
+
+    def plan(self, uuid: str, settings: Settings, host: HostFacts) -> Plan:
+        """Name the VM's files (every name holds the UUID)."""
+
+    async def create_volume(self, pool_dir: str, name: str, capacity_gib: int) -> str: ...
+    async def delete_volume(self, pool_dir: str, name: str) -> None: ...
+    async def copy_file(self, template: str, path: str) -> None: ...
+    async def create_shm(self, path: str, size_mib: int) -> None: ...
+    async def remove_file(self, path: str) -> None: ...
+    async def define(self, xml: str) -> None: ...
+    async def undefine(self, uuid: str) -> None: ...
+    async def set_autostart(self, uuid: str, enabled: bool) -> None: ...
+
+    async def delete_domain(self, uuid: str, delete_storage: bool) -> None:
+        """Undefine (with NVRAM, managed save and snapshot metadata), then remove the VM's
+        own volumes when asked and its Looking Glass shm file."""
+
+
+class RecordStore:
+    """The create records in ``storage.state_dir``: one JSON file per create in flight."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, uuid: str) -> Path:
+        return self.directory / f"create-{uuid}.json"
+
+    def write(self, plan: Plan) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._path(plan.uuid)
+        tmp = path.with_suffix(".tmp")
+        data = json.dumps(asdict(plan), indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def remove(self, uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(uuid).unlink()
+
+    def leftovers(self) -> list[Plan]:
+        """The records in the directory; other files there are never touched."""
+        plans = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            m = RECORD_RE.fullmatch(name)
+            if not m:
+                continue
+            try:
+                data: dict[str, Any] = json.loads((self.directory / name).read_text())
+                plan = Plan(**data)
+            except (OSError, ValueError, TypeError) as e:
+                _log.error("Cannot read the create record %s: %s; leaving it", name, e)
+                continue
+            if plan.uuid != m.group(1):
+                _log.error("The create record %s names another VM; leaving it", name)
+                continue
+            plans.append(plan)
+        return plans
+
+
+def _names_uuid(plan: Plan) -> bool:
+    """Every object a record names carries its UUID (the guard of rolling back)."""
+    return all(plan.uuid in Path(p).name for p in (plan.volume, plan.nvram, plan.shm) if p) and (
+        not plan.xml or summarize(plan.xml).uuid == plan.uuid
+    )
+
+
+class Creator:
+    """CreateVM and Delete on top of the VM registry, as jobs."""
+
+    def __init__(
+        self,
+        service: VMService,
+        provisioner: Provisioner,
+        records: RecordStore,
+        shutdown_timeout_s: Callable[[], int],
+    ) -> None:
+        self.service = service
+        self.prov = provisioner
+        self.records = records
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._active: set[str] = set()  # UUIDs of creates in flight (their records are live)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recovered = False
+
+    # ---- create -------------------------------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        if any(v.name == name for v in self.service.vms.values()):
+            raise VMAlreadyExistsError(f"A VM named {name!r} already exists.", details={"vm": name})
+
+    async def create(
+        self, settings: Settings, hostdevs: tuple[str, ...], uid: int
+    ) -> tuple[VM, Job]:
+        svc = self.service
+        if not svc.backend.connected:
+            raise LibvirtConnectionFailedError(
+                f"neurond has lost its connection to libvirt ({svc.backend.uri}); "
+                "try again shortly.",
+                details={"uri": svc.backend.uri},
+            )
+        self._check_name(settings.name)
+        host = await self.prov.host_facts(settings)
+        uuid = str(uuidlib.uuid4())
+        plan = self.prov.plan(uuid, settings, host)
+        if settings.looking_glass:
+            plan.shm_mib = looking_glass_mib(*settings.resolution)
+        files = VMFiles(
+            uuid=uuid,
+            disk=str(Path(plan.pool_dir) / plan.volume) if plan.volume else "",
+            nvram=plan.nvram,
+            hostdevs=hostdevs,
+        )
+        plan.xml = to_xml(settings, host, files)
+        plan.autostart = settings.autostart
+        summary = summarize(plan.xml)
+        info = DomainInfo(
+            uuid=uuid,
+            name=settings.name,
+            state=VMState.CREATING,
+            reason="create",
+            persistent=True,
+            autostart=settings.autostart,
+            vcpus=summary.vcpus,
+            memory_mib=summary.memory_mib,
+            gpu_address=summary.gpu_address,
+            looking_glass=summary.looking_glass,
+            guest_agent=summary.guest_agent,
+        )
+        self._check_name(settings.name)  # again: another create may have taken it meanwhile
+        vm = VM(info)
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        op = Operation(Method.CREATE, result)
+        vm.op = op
+        vm.update()
+        svc.vms[uuid] = vm
+        self._active.add(uuid)
+        with log.bind(vm=settings.name):
+            _log.info(
+                "Creating VM %s (%s, profile %s)",
+                settings.name,
+                uuid,
+                settings.profile.name,
+                extra={"fields": {"NEUROND_VM": settings.name, "NEUROND_UUID": uuid}},
+            )
+        svc.listener.vm_added(vm)
+
+        async def work(job: Job) -> None:
+            await self._run_create(vm, plan, job)
+
+        job = svc.jobs.start("create-vm", uid, [uuid], work)
+        op.job = job
+        result.set_result(job)
+        self._spawn(self._after_create(vm, job))
+        return vm, job
+
+    async def _run_create(self, vm: VM, plan: Plan, job: Job) -> None:
+        actions: dict[str, Callable[[], Awaitable[object]]] = {
+            "volume": lambda: self.prov.create_volume(
+                plan.pool_dir, plan.volume, plan.capacity_gib
+            ),
+            "nvram": lambda: self.prov.copy_file(plan.nvram_template, plan.nvram),
+            "shm": lambda: self.prov.create_shm(plan.shm, plan.shm_mib),
+            "define": lambda: self.prov.define(plan.xml),
+            "autostart": lambda: self.prov.set_autostart(plan.uuid, True),
+        }
+        wanted = {
+            "volume": bool(plan.volume),
+            "nvram": bool(plan.nvram),
+            "shm": bool(plan.shm),
+            "define": True,
+            "autostart": plan.autostart,
+        }
+        steps = [s for s in STEPS if wanted[s]]
+        try:
+            await self._step("record", lambda: asyncio.to_thread(self.records.write, plan))
+            for i, step in enumerate(steps):
+                await self._step(step, actions[step])
+                plan.done.append(step)
+                await asyncio.to_thread(self.records.write, plan)
+                job.report((i + 1) / (len(steps) + 1), force=True)
+            await self._step("finish", lambda: self.service.refresh(plan.uuid))
+        except BaseException:
+            # Roll back even when cancelled; a second cancel leaves the record for the next start.
+            await asyncio.shield(self._rollback(plan))
+            raise
+        await asyncio.to_thread(self.records.remove, plan.uuid)
+
+    async def _step(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
+        """Run one step to its end, even when the job is cancelled meanwhile: what it makes
+        must exist (or not) before the rollback looks."""
+        fault = await faults.ahit(f"create.{name}")
+        if fault is not None:
+            raise VMCreationFailedError(f"Could not create the VM: injected fault at {name}.")
+        task = asyncio.ensure_future(action())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait([task])
+            raise
+
+    async def _rollback(self, plan: Plan) -> bool:
+        """Remove what ``plan`` names, newest first; True when all of it is gone."""
+        if not _names_uuid(plan):
+            _log.error("The create record of %s names foreign objects; leaving it", plan.uuid)
+            return False
+        undo: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("domain", lambda: self.prov.undefine(plan.uuid)),
+            ("shm", lambda: self.prov.remove_file(plan.shm) if plan.shm else _nothing()),
+            ("nvram", lambda: self.prov.remove_file(plan.nvram) if plan.nvram else _nothing()),
+            (
+                "volume",
+                lambda: (
+                    self.prov.delete_volume(plan.pool_dir, plan.volume)
+                    if plan.volume
+                    else _nothing()
+                ),
+            ),
+        ]
+        ok = True
+        for what, action in undo:
+            try:
+                await action()
+            except NeuronError as e:
+                ok = False
+                log.log_error(
+                    _log, e, f"Rolling back the create of {plan.name}: {what}: {e.message}"
+                )
+        if ok:
+            await asyncio.to_thread(self.records.remove, plan.uuid)
+            _log.info(
+                "Rolled back the create of %s (%s)",
+                plan.name,
+                plan.uuid,
+                extra={"fields": {"NEUROND_VM": plan.name, "NEUROND_UUID": plan.uuid}},
+            )
+        return ok
+
+    async def _after_create(self, vm: VM, job: Job) -> None:
+        """Free the VM's slot once the job has ended; a failed create's VM then goes."""
+        await job.done.wait()
+        self._active.discard(vm.uuid)
+        svc = self.service
+        op = vm.op
+        if job.error is None:
+            await svc._end(vm)
+        else:
+            if svc.vms.get(vm.uuid) is vm:
+                del svc.vms[vm.uuid]
+            vm.removed = True
+            vm.op = None
+            svc.listener.vm_removed(vm)
+            # libvirt may still tell of the domain the rollback removed: look again
+            await svc.refresh(vm.uuid)
+        if op is not None:
+            op.ended.set()
+
+    async def recover(self) -> None:
+        """Roll back the creates a previous neurond left half done (once per process)."""
+        if self._recovered:
+            return
+        self._recovered = True
+        for plan in await asyncio.to_thread(self.records.leftovers):
+            if plan.uuid in self._active:
+                continue
+            _log.warning(
+                "Rolling back the unfinished create of %s (%s) from a previous run",
+                plan.name,
+                plan.uuid,
+                extra={"fields": {"NEUROND_VM": plan.name, "NEUROND_UUID": plan.uuid}},
+            )
+            await self._rollback(plan)
+            await self.service.refresh(plan.uuid)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- delete -------------------------------------------------------------------------
+
+    async def delete(self, vm: VM, uid: int, delete_storage: bool, force: bool) -> Job:
+        """Delete's job; an identical Delete in flight is joined (same job)."""
+        svc = self.service
+        method = Method.DELETE_FORCE if force else Method.DELETE
+        svc._check(vm, method)
+        if vm.op is not None:
+            joined: Job = await asyncio.shield(vm.op.result)
+            return joined
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        op = Operation(method, result)
+        svc._set_op(vm, op)  # deleting at once
+
+        async def work(job: Job) -> None:
+            try:
+                await self._stop_for_delete(vm, job)
+                job.report(0.5, force=True)
+                await self.prov.delete_domain(vm.uuid, delete_storage)
+            finally:
+                await svc._end(vm)
+
+        op.job = svc.jobs.start("delete-vm", uid, [vm.uuid], work)
+        result.set_result(op.job)
+        return op.job
+
+    async def _stop_for_delete(self, vm: VM, job: Job) -> None:
+        svc = self.service
+        await svc.refresh(vm.uuid)
+        state = vm.info.state
+        if state is VMState.SHUTOFF:
+            return
+        if state is VMState.RUNNING:
+            timeout = self.shutdown_timeout_s()
+            with contextlib.suppress(InvalidStateError):
+                await svc.backend.shutdown(vm.uuid)
+            try:
+                await asyncio.wait_for(vm.wait_until(frozenset({VMState.SHUTOFF})), timeout)
+                return
+            except LookupError:
+                raise VMNotFoundError(
+                    f"VM {vm.name!r} disappeared while it was being deleted.",
+                    details={"vm": vm.name},
+                ) from None
+            except TimeoutError:
+                _log.info(
+                    "VM %s did not shut down within %s s: destroying it before deleting it",
+                    vm.name,
+                    timeout,
+                    extra={"fields": {"NEUROND_VM": vm.name}},
+                )
+        with contextlib.suppress(InvalidStateError):  # not running (any more)
+            await svc.backend.destroy(vm.uuid)
+        await svc.refresh(vm.uuid)
+
+
+async def _nothing() -> None:
+    return None
