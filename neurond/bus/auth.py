@@ -171,7 +171,8 @@ class Authorizer:
                 return False
             raise PermissionDeniedError(
                 f"polkit could not decide {action}{subject}: {name} "
-                f"{reply.body[0] if reply is not None and reply.body else ''}".rstrip() + ".",
+                f"{reply.body[0] if reply is not None and reply.body else ''}".rstrip()
+                + ".",
                 details=facts,
             )
         self._absent_logged = False

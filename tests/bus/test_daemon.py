@@ -248,9 +248,7 @@ def test_neurond_config_names_the_file_without_the_flag(private_bus: PrivateBus)
         d.close()
 
 
-async def test_flags_override_the_file(
-    start_daemon: Callable[..., Daemon], client: Client
-) -> None:
+async def test_flags_override_the_file(start_daemon: Callable[..., Daemon], client: Client) -> None:
     # The harness passes --libvirt-uri test:///default; the file says otherwise.
     start_daemon(config={"libvirt_uri": "test:///nonexistent/node.xml"})
     assert await client.get(MANAGER_PATH, MANAGER, "LibvirtURI") == "test:///default"

@@ -299,7 +299,10 @@ def test_api_md_is_parsed(api: Api) -> None:
     ]:  # fmt: skip
         assert api.find(kind, key), f"API.md parser found no {kind} {key}"
     assert api.find("method", "VM.GuestExec").outs == (  # type: ignore[union-attr]
-        ("i", "exit_code"), ("ay", "stdout"), ("ay", "stderr"))
+        ("i", "exit_code"),
+        ("ay", "stdout"),
+        ("ay", "stderr"),
+    )
     assert api.find("property", "Job.StartTime").const  # type: ignore[union-attr]
     assert "vm-lifecycle" in api.actions and "Start" in api.actions["vm-lifecycle"]
     assert {"ListVMs", "GetManagedObjects"} <= api.reads

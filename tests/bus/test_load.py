@@ -59,7 +59,7 @@ def vm_path(uuid: str) -> str:
 
 
 def check_objects(reply: Message | BaseException, domains: list[NodeDomain]) -> str:
-    """"" when ``reply`` is a complete, correct GetManagedObjects answer, else what is wrong."""
+    """ "" when ``reply`` is a complete, correct GetManagedObjects answer, else what is wrong."""
     if isinstance(reply, BaseException):
         return f"no reply: {reply!r}"
     if reply.message_type is not MessageType.METHOD_RETURN:

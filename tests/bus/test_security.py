@@ -66,9 +66,7 @@ def error_name(out: subprocess.CompletedProcess[str]) -> str:
 
 async def vm_snapshot(client: Client) -> dict[str, object]:
     """What a refused call must leave alone: the VM's properties and the job list."""
-    (props,) = await client.call(
-        TEST_PATH, "org.freedesktop.DBus.Properties", "GetAll", "s", [VM]
-    )
+    (props,) = await client.call(TEST_PATH, "org.freedesktop.DBus.Properties", "GetAll", "s", [VM])
     (jobs,) = await client.call(MANAGER_PATH, MANAGER, "ListJobs")
     return {"props": {k: v.value for k, v in props.items()}, "jobs": sorted(jobs)}
 
@@ -170,8 +168,10 @@ def test_reads_are_open_to_everyone(
     for path, iface, member, args, expect in READS:
         out = call(private_bus, path, iface, member, *args, as_nobody=as_nobody)
         if out.returncode != 0 or expect not in out.stdout:
-            failures.append(f"{iface}.{member}{args} at {path}: rc {out.returncode}, "
-                            f"stderr {out.stderr.strip()!r}, stdout {out.stdout[:300]!r}")
+            failures.append(
+                f"{iface}.{member}{args} at {path}: rc {out.returncode}, "
+                f"stderr {out.stderr.strip()!r}, stdout {out.stdout[:300]!r}"
+            )
     assert not failures, "\n".join(failures)
 
 
