@@ -335,3 +335,38 @@ def test_interactive_prompt_answered_yes(mock_setup: tuple[PrivateBus, MockPolki
     assert result.returncode == 0, result.stderr
     # An action the person did not grant stays refused.
     assert _error(_nobody_call(bus, "Pause", interactive=True)) == ERR + "PermissionDenied"
+
+
+def test_lifecycle_allowed_uid_may_stop_and_start_but_not_create_or_delete(setup: Setup) -> None:
+    vm0 = setup.uuids[0]
+    stopped = setup.call(vm0, "Shutdown", "{}")
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + 10
+    while "shutoff" not in setup.state(vm0):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert setup.call(vm0, "Start", "{}").returncode == 0
+    assert "running" in setup.state(vm0)
+    for interactive, expected in ((False, INTERACTIVE_REQUIRED), (True, ERR + "PermissionDenied")):
+        delete = setup.call(vm0, "Delete", "{'force': <true>}", interactive=interactive)
+        assert _error(delete) == expected
+        create = subprocess.run(
+            run_as_nobody(["gdbus", "call", "--system", "--dest", "org.neuronos.Neuron1",
+                           "--object-path", "/org/neuronos/Neuron1/Manager", "--method",
+                           "org.neuronos.Neuron1.Manager.CreateVM",
+                           *(["--interactive"] if interactive else []), "{'name': <'evil'>}"]),
+            env=setup.bus.env(), capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert _error(create) == expected
+    assert "running" in setup.state(vm0)
+    listed = gdbus(
+        setup.bus,
+        "call",
+        "--dest",
+        "org.neuronos.Neuron1",
+        "--object-path",
+        "/org/neuronos/Neuron1/Manager",
+        "--method",
+        "org.neuronos.Neuron1.Manager.ListVMs",
+    )
+    assert "evil" not in listed.stdout and listed.stdout.count("vm000") == 2
