@@ -16,6 +16,8 @@ APT_PACKAGES=(
     systemd util-linux
     # xmllint, which virt-xml-validate runs (tests/unit/test_domain.py checks domain XML)
     libxml2-utils
+    # qdbus: Qt's own D-Bus client, as KDE frontends use it (tests/bus/test_qdbus.py)
+    qdbus-qt5
     # `python3 -m venv` on Debian's own python3; make for the Makefile and .ci/run
     python3-venv make
 )
