@@ -61,3 +61,22 @@ def test_catalog_compiles_with_every_message_id(tmp_path: Path) -> None:
     ).stdout
     ids = {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert ids == set(messages.ALL.values())
+
+
+def test_every_member_has_a_docstring() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(REPO / "dbus" / "org.neuronos.Neuron1.xml").getroot()
+    for iface in root.iter("interface"):
+        for el in [
+            iface,
+            *iface.findall("method"),
+            *iface.findall("property"),
+            *iface.findall("signal"),
+        ]:
+            docs = [
+                a
+                for a in el.findall("annotation")
+                if a.get("name") == "org.gtk.GDBus.DocString" and a.get("value")
+            ]
+            assert docs, f"{iface.get('name')}.{el.get('name')}"
