@@ -168,6 +168,38 @@ async def cmd_shutdown(c: Client, args: argparse.Namespace) -> None:
     await _run_job(c, args, job)
 
 
+# CreateVM spec keys neuronctl create passes through, with their D-Bus types.
+CREATE_KEYS = {"vcpus": "u", "memory_mib": "t", "disk_gib": "t", "iso": "s", "gpu": "s",
+               "kernel": "s", "initrd": "s", "cmdline": "s"}  # fmt: skip
+
+
+async def cmd_create(c: Client, args: argparse.Namespace) -> None:
+    spec = {"name": Variant("s", args.name), "profile": Variant("s", args.profile)}
+    spec |= {k: Variant(t, getattr(args, k)) for k, t in CREATE_KEYS.items()
+             if getattr(args, k) is not None}  # fmt: skip
+    if args.looking_glass:
+        spec["looking_glass"] = Variant("b", True)
+    _vm, job = await c.call(MANAGER_PATH, MANAGER, "CreateVM", "a{sv}", [spec])
+    await _run_job(c, args, job)
+
+
+async def cmd_delete(c: Client, args: argparse.Namespace) -> None:
+    options = {
+        "delete_storage": Variant("b", args.delete_storage),
+        "force": Variant("b", args.force),
+    }
+    (job,) = await c.call(await c.vm_path(args.vm), VM, "Delete", "a{sv}", [options])
+    await _run_job(c, args, job)
+
+
+async def cmd_download(c: Client, args: argparse.Namespace) -> None:
+    options = {"sha256": Variant("s", args.sha256)}
+    if args.filename:
+        options["filename"] = Variant("s", args.filename)
+    (job,) = await c.call(MANAGER_PATH, MANAGER, "DownloadImage", "sa{sv}", [args.url, options])
+    await _run_job(c, args, job)
+
+
 async def cmd_jobs(c: Client, args: argparse.Namespace) -> None:
     (paths,) = await c.call(MANAGER_PATH, MANAGER, "ListJobs")
     jobs = [{"path": p, **await c.props(p, JOB)} for p in paths]
@@ -242,7 +274,8 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Coroutine[Any, Any, N
     "list": cmd_list, "show": cmd_show, "start": cmd_vm_method, "force-off": cmd_vm_method,
     "pause": cmd_vm_method, "resume": cmd_vm_method, "reboot": cmd_vm_method,
     "reset": cmd_vm_method, "shutdown": cmd_shutdown, "stop": cmd_shutdown, "jobs": cmd_jobs,
-    "errors": cmd_errors, "hw": cmd_hw, "watch": cmd_watch,
+    "errors": cmd_errors, "hw": cmd_hw, "watch": cmd_watch, "create": cmd_create,
+    "delete": cmd_delete, "download": cmd_download,
 }  # fmt: skip
 
 
@@ -264,6 +297,25 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("vm")
         s.add_argument("--timeout", type=int)
         s.add_argument("--force", action="store_true", help="destroy after the timeout")
+    create = sub.add_parser("create", help="create a VM (waits for the create job)")
+    create.add_argument("name")
+    create.add_argument(
+        "--profile", default="generic", choices=["windows11", "windows10", "linux", "generic"]
+    )
+    create.add_argument("--vcpus", type=int)
+    create.add_argument("--memory-mib", dest="memory_mib", type=int)
+    create.add_argument("--disk-gib", dest="disk_gib", type=int)
+    create.add_argument("--looking-glass", action="store_true")
+    for key in ("iso", "gpu", "kernel", "initrd", "cmdline"):
+        create.add_argument(f"--{key}")
+    delete = sub.add_parser("delete", help="delete a VM (waits for the delete job)")
+    delete.add_argument("vm")
+    delete.add_argument("--delete-storage", action="store_true")
+    delete.add_argument("--force", action="store_true", help="stop a running VM first")
+    download = sub.add_parser("download", help="download an image into the image directory")
+    download.add_argument("url")
+    download.add_argument("--sha256", required=True)
+    download.add_argument("--filename")
     for name in ("jobs", "errors", "hw", "watch"):
         sub.add_parser(name)
     return p

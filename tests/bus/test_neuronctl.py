@@ -71,3 +71,33 @@ def test_no_daemon_is_a_bus_error(private_bus: PrivateBus) -> None:
     result = ctl(private_bus, "list")
     assert result.returncode == 3  # ServiceUnknown: a bus-level failure
     assert result.stderr.startswith("error:")
+
+
+def test_create_and_delete(private_bus: PrivateBus, daemon: Daemon) -> None:
+    created = ctl(
+        private_bus,
+        "--json",
+        "create",
+        "ctlvm",
+        "--profile",
+        "linux",
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "1024",
+        "--disk-gib",
+        "2",
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["state"] == "completed"
+    shown = json.loads(ctl(private_bus, "--json", "show", "ctlvm").stdout)
+    assert shown["VCPUs"] == 2 and shown["MemoryMiB"] == 1024 and shown["State"] == "shutoff"
+    again = ctl(private_bus, "create", "ctlvm")
+    assert again.returncode == 10 + 1 and "[VM_ALREADY_EXISTS]" in again.stderr
+    assert ctl(private_bus, "delete", "ctlvm", "--delete-storage").returncode == 0
+    assert ctl(private_bus, "show", "ctlvm").returncode == 10 + VMNotFoundError.number
+
+
+def test_download_refuses_insecure_url(private_bus: PrivateBus, daemon: Daemon) -> None:
+    result = ctl(private_bus, "download", "http://example.invalid/x.iso", "--sha256", "0" * 64)
+    assert result.returncode == 10 + 14 and "[INVALID_ARGUMENT]" in result.stderr
