@@ -287,9 +287,11 @@ def log_error(
     *,
     exc_info: bool = False,
     level: int = logging.WARNING,
+    fields: dict[str, str] | None = None,
 ) -> None:
-    """Log a NeuronError with its code, D-Bus name and details as journal fields."""
-    fields = {"NEUROND_CODE": err.code, "NEUROND_ERROR": err.dbus_name()}
+    """Log a NeuronError with its code, D-Bus name and details as journal fields
+    (plus ``fields`` as given, e.g. a catalog MESSAGE_ID)."""
+    fields = {**(fields or {}), "NEUROND_CODE": err.code, "NEUROND_ERROR": err.dbus_name()}
     for key, value in err.details.items():
         fields.setdefault(field_name(str(key)), str(value))
     # stacklevel=2: CODE_FUNC/CODE_LINE name the caller, not this helper.

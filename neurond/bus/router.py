@@ -21,7 +21,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
 
-from neurond import faults, log
+from neurond import faults, log, messages
 from neurond.bus.auth import InteractiveAuthorizationRequired, interactive_allowed
 from neurond.bus.spec import OBJECT_MANAGER, ROOT
 from neurond.errors import (
@@ -29,6 +29,7 @@ from neurond.errors import (
     InternalError,
     LimitExceededError,
     NeuronError,
+    PermissionDeniedError,
     TimeoutError_,
 )
 
@@ -229,7 +230,13 @@ class Router:
 
     def _reply_error(self, msg: Message, err: NeuronError, logged: bool = False) -> None:
         if not logged:
-            log.log_error(_log, err, f"{msg.member} failed: {err.message}")
+            denied = isinstance(err, PermissionDeniedError)
+            log.log_error(
+                _log,
+                err,
+                f"{msg.member} failed: {err.message}",
+                fields={"MESSAGE_ID": messages.AUTHORIZATION_DENIED} if denied else None,
+            )
         self._send_reply(msg, Message.new_error(msg, err.dbus_name(), err.message))
 
     def _send_reply(self, msg: Message, reply: Message) -> None:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from neurond import log
+from neurond import log, messages
 from neurond.core.backend import Backend, DomainInfo
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo, agent_unavailable
 from neurond.core.jobs import Job, JobManager
@@ -37,6 +37,21 @@ class VMListener(Protocol):
     def vm_changed(self, vm: VM, changed: dict[str, Any]) -> None: ...
     def vm_removed(self, vm: VM) -> None: ...
     def connection_changed(self, connected: bool) -> None: ...
+
+
+# The states whose arrival is a catalogued event (systemd/neurond.catalog).
+_STATE_MESSAGES = {
+    VMState.RUNNING: messages.VM_STARTED,
+    VMState.SHUTOFF: messages.VM_STOPPED,
+    VMState.CRASHED: messages.VM_CRASHED,
+}
+
+
+def _state_fields(vm: VM) -> dict[str, str]:
+    fields = {"NEUROND_VM": vm.name, "NEUROND_STATE": vm.state, "NEUROND_REASON": vm.reason}
+    if vm.state in _STATE_MESSAGES:
+        fields["MESSAGE_ID"] = _STATE_MESSAGES[vm.state]
+    return fields
 
 
 class VMService:
@@ -118,36 +133,45 @@ class VMService:
                 del self.vms[uuid]
                 vm.removed = True
                 vm.update()
-                _log.info("VM %s is gone", vm.name, extra={"fields": {"NEUROND_VM": vm.name}})
+                _log.info(
+                    "VM %s is gone",
+                    vm.name,
+                    extra={"fields": {"NEUROND_VM": vm.name, "MESSAGE_ID": messages.VM_DELETED}},
+                )
                 self.listener.vm_removed(vm)
             return
         if vm is None:
             vm = VM(info)
             self.vms[uuid] = vm
             _log.info(
-                "VM %s appeared (%s)", vm.name, vm.state, extra={"fields": {"NEUROND_VM": vm.name}}
+                "VM %s appeared (%s)",
+                vm.name,
+                vm.state,
+                extra={"fields": {"NEUROND_VM": vm.name, "MESSAGE_ID": messages.VM_CREATED}},
             )
             self.listener.vm_added(vm)
             return
-        changed = vm.update(info)
-        if changed:
-            if "state" in changed:
-                _log.info(
-                    "VM %s is %s (%s)",
-                    vm.name,
-                    vm.state,
-                    vm.reason,
-                    extra={"fields": {"NEUROND_VM": vm.name, "NEUROND_STATE": vm.state}},
-                )
-            self.listener.vm_changed(vm, changed)
+        self._changed(vm, vm.update(info))
+
+    def _changed(self, vm: VM, changed: dict[str, Any]) -> None:
+        """Log a state change (a catalogued event) and tell the listener what changed."""
+        if not changed:
+            return
+        if "state" in changed:
+            _log.info(
+                "VM %s is %s (%s)",
+                vm.name,
+                vm.state,
+                vm.reason,
+                extra={"fields": _state_fields(vm)},
+            )
+        self.listener.vm_changed(vm, changed)
 
     def _set_op(self, vm: VM, op: Operation | None) -> None:
         if vm.op is not None and vm.op is not op:
             vm.op.ended.set()
         vm.op = op
-        changed = vm.update()
-        if changed:
-            self.listener.vm_changed(vm, changed)
+        self._changed(vm, vm.update())
 
     # ---- transitions --------------------------------------------------------------------
 

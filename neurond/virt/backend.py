@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
-from neurond import faults, log
+from neurond import faults, log, messages
 from neurond.core.backend import DomainInfo, EventSink
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo
 from neurond.core.states import from_libvirt
@@ -101,7 +101,12 @@ class LibvirtBackend:
             _log.info(
                 "Connected to libvirt at %s",
                 self._uri,
-                extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}},
+                extra={
+                    "fields": {
+                        "NEUROND_LIBVIRT_URI": self._uri,
+                        "MESSAGE_ID": messages.LIBVIRT_RESTORED,
+                    }
+                },
             )
             await on_connected()
             await self._lost.wait()
@@ -110,7 +115,12 @@ class LibvirtBackend:
                 _log.warning(
                     "Lost the connection to libvirt at %s",
                     self._uri,
-                    extra={"fields": {"NEUROND_LIBVIRT_URI": self._uri}},
+                    extra={
+                        "fields": {
+                            "NEUROND_LIBVIRT_URI": self._uri,
+                            "MESSAGE_ID": messages.LIBVIRT_LOST,
+                        }
+                    },
                 )
                 await self._drop()
                 self._sink.connection_changed(False)

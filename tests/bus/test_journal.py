@@ -108,3 +108,25 @@ async def test_internal_error_traceback_in_journal_not_in_reply(
     # The failure was the call's, not the daemon's: it still serves.
     (errors,) = await client.call(MANAGER_PATH, MANAGER, "ListErrors")
     assert errors
+
+
+async def test_catalogued_events_carry_their_message_ids(
+    journal: PrivateJournal, journal_daemon: Daemon, client: Client
+) -> None:
+    from neurond import messages
+    from tests.bus.conftest import TEST_PATH, VM
+    from tests.harness import busctl
+
+    journal.wait_for(MESSAGE_ID=messages.LIBVIRT_RESTORED, **IDENT)
+    journal.wait_for(MESSAGE_ID=messages.VM_CREATED, NEUROND_VM="test", **IDENT)
+    await client.call(TEST_PATH, VM, "ForceOff")
+    stopped = journal.wait_for(MESSAGE_ID=messages.VM_STOPPED, NEUROND_VM="test", **IDENT)
+    assert stopped["NEUROND_REASON"] == "destroyed"
+    await client.call(TEST_PATH, VM, "Start", "a{sv}", [{}])
+    journal.wait_for(MESSAGE_ID=messages.VM_STARTED, NEUROND_VM="test", **IDENT)
+    refused = busctl(
+        journal_daemon.bus, "call", "org.neuronos.Neuron1", TEST_PATH, VM, "Pause", as_nobody=True
+    )
+    assert refused.returncode != 0
+    denied = journal.wait_for(MESSAGE_ID=messages.AUTHORIZATION_DENIED, **IDENT)
+    assert denied["NEUROND_UID"] == "65534" and denied["NEUROND_CODE"] == "PERMISSION_DENIED"
