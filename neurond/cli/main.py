@@ -260,7 +260,12 @@ async def cmd_watch(c: Client, args: argparse.Namespace) -> None:
             if "State" in changed:
                 vm = names.get(msg.path or "", msg.path)
                 event = {"vm": vm, "state": changed["State"], "reason": changed.get("StateReason")}
-                out(args, event, f"{vm}: {event['state']} ({event['reason']})")
+                # One JSON object per line: a stream a script can read line by line.
+                print(
+                    json.dumps(event)
+                    if args.json
+                    else f"{vm}: {event['state']} ({event['reason']})"
+                )
                 sys.stdout.flush()
         elif msg.member == "InterfacesAdded" and VM in msg.body[1]:
             names[msg.body[0]] = msg.body[1][VM]["Name"].value

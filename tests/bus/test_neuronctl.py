@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 
@@ -101,3 +102,28 @@ def test_create_and_delete(private_bus: PrivateBus, daemon: Daemon) -> None:
 def test_download_refuses_insecure_url(private_bus: PrivateBus, daemon: Daemon) -> None:
     result = ctl(private_bus, "download", "http://example.invalid/x.iso", "--sha256", "0" * 64)
     assert result.returncode == 10 + 14 and "[INVALID_ARGUMENT]" in result.stderr
+
+
+def test_watch_prints_live_state_changes(private_bus: PrivateBus, daemon: Daemon) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "neurond.cli.main", "--json", "watch"],
+        env=private_bus.env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        # Keep changing the state until watch, once subscribed, reports a change.
+        line = ""
+        for _ in range(50):
+            ctl(private_bus, "pause", "test")
+            ctl(private_bus, "resume", "test")
+            ready, _, _ = select.select([watch.stdout], [], [], 0.2)
+            if ready:
+                line = watch.stdout.readline()
+                break
+        event = json.loads(line)
+        assert event["vm"] == "test" and event["state"] in {"paused", "running"}
+    finally:
+        watch.kill()
+        watch.wait()
