@@ -154,8 +154,9 @@ READS: list[tuple[str, str, str, tuple[str, ...], str]] = [
     (TEST_PATH, "org.freedesktop.DBus.Properties", "GetAll", (VM,), "'State': <'running'>"),
     (MANAGER_PATH, "org.freedesktop.DBus.Properties", "GetAll", (MANAGER,), "'APIVersion'"),
     (TEST_PATH, "org.freedesktop.DBus.Properties", "Get", (VM, "Name"), "<'test'>"),
-    (TEST_PATH, "org.freedesktop.DBus.Introspectable", "Introspect", (), f'"{VM}"'),
-    (MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect", (), f'"{MANAGER}"'),
+    # gdbus prints the XML in double quotes (it holds an apostrophe), escaping the XML's own
+    (TEST_PATH, "org.freedesktop.DBus.Introspectable", "Introspect", (), 'name=\\"' + VM),
+    (MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect", (), 'name=\\"' + MANAGER),
     (TEST_PATH, "org.freedesktop.DBus.Peer", "Ping", (), "()"),
 ]
 
