@@ -16,7 +16,6 @@ from typing import Any
 
 from neurond.config import Config
 from neurond.core.jobs import Job, JobManager
-from neurond.downloads.fetch import Settings, download
 from neurond.downloads.request import DownloadRequest, check_request
 from neurond.errors import InvalidArgumentError
 
@@ -114,6 +113,10 @@ class DownloadManager:
 
     def start(self, request: DownloadRequest, uid: int, config: Config) -> Job:
         """Start (or queue) the download job; its ``Objects`` is empty."""
+        # aiohttp is imported on the first download, not at start-up: it is a fifth of the
+        # daemon's import time and most of its idle memory beyond the core (docs/benchmarks.md).
+        from neurond.downloads.fetch import Settings, download
+
         self.slots.set_limit(config.downloads.max_parallel)
         d = config.downloads
         settings = Settings(
