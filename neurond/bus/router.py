@@ -80,10 +80,21 @@ class Exported:
     spec: Interface
     properties: Callable[[], dict[str, Any]]
     methods: dict[str, Handler] = field(default_factory=dict)
+    # The last values read and their Variants: GetManagedObjects reads every object, most of
+    # which did not change since the previous read; equal values reuse the built Variants
+    # (docs/benchmarks.md: building them was the largest share of the call at 1,000 VMs).
+    _last: tuple[dict[str, Any], dict[str, Variant]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def variants(self) -> dict[str, Variant]:
         values = self.properties()
-        return {p.name: Variant(p.signature, values[p.name]) for p in self.spec.properties}
+        last = self._last
+        if last is not None and last[0] == values:
+            return last[1]
+        built = {p.name: Variant(p.signature, values[p.name]) for p in self.spec.properties}
+        self._last = (values, built)
+        return built
 
 
 class Router:
@@ -175,7 +186,10 @@ class Router:
         if self.caller_uid is None or not sender:
             return None
         try:
-            return await asyncio.wait_for(self.caller_uid(sender), self.call_timeout)
+            # asyncio.timeout, not wait_for: the uid is almost always cached, and wait_for
+            # would wrap every call's lookup in a task of its own (docs/benchmarks.md).
+            async with asyncio.timeout(self.call_timeout):
+                return await self.caller_uid(sender)
         except (NeuronError, TimeoutError):
             return None
 
