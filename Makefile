@@ -16,7 +16,7 @@ test: venv
 	$(PYTHON) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 lint: venv
-	$(VENV)/bin/ruff check neurond tests
+	$(VENV)/bin/ruff check neurond tests bench scripts
 	$(VENV)/bin/mypy --strict neurond
 
 demo: venv
