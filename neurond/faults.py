@@ -2,8 +2,10 @@
 
 Only active when the daemon runs with ``--test-hooks``; then ``NEUROND_FAULTS`` holds
 ``point:effect[:arg][,…]``. Effects: ``error`` (an unexpected exception), ``libvirt`` (a libvirt
-error, raised by the virt layer at its points), ``delay:SECONDS`` (the point waits). Without the
-flag nothing here is ever consulted, so a shipped daemon cannot be made to fail this way.
+error, raised by the virt layer at its points), ``delay:SECONDS`` (the point waits),
+``block:SECONDS`` (the point blocks its thread: at a ``bus.*`` point that is the event loop, which
+stops everything, watchdog pings included, as a hung handler would). Without the flag nothing
+here is ever consulted, so a shipped daemon cannot be made to fail this way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from neurond.errors import InvalidConfigError
 
-EFFECTS = ("error", "libvirt", "delay")
+EFFECTS = ("error", "libvirt", "delay", "block")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def configure(spec: str) -> None:
                 f"Bad NEUROND_FAULTS entry {item!r}: want point:{'|'.join(EFFECTS)}."
             )
         try:
-            seconds = float(arg) if effect == "delay" else 0.0
+            seconds = float(arg) if effect in ("delay", "block") else 0.0
         except ValueError:
             raise InvalidConfigError(f"Bad delay in NEUROND_FAULTS entry {item!r}.") from None
         _faults[point] = Fault(point, effect, seconds)
@@ -57,7 +59,7 @@ def hit(point: str) -> Fault | None:
     fault = _faults.get(point)
     if fault is None:
         return None
-    if fault.effect == "delay":
+    if fault.effect in ("delay", "block"):
         time.sleep(fault.seconds)
         return None
     if fault.effect == "error":
@@ -66,7 +68,7 @@ def hit(point: str) -> Fault | None:
 
 
 async def ahit(point: str) -> Fault | None:
-    """The event-loop form of ``hit``: a delay awaits instead of blocking."""
+    """The event-loop form of ``hit``: a delay awaits instead of blocking (``block`` blocks)."""
     fault = _faults.get(point)
     if fault is not None and fault.effect == "delay":
         await asyncio.sleep(fault.seconds)

@@ -121,13 +121,21 @@ class RecordStore:
         path = self._path(plan.uuid)
         tmp = path.with_suffix(".tmp")
         data = json.dumps(asdict(plan), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:  # a full or read-only state_dir: typed, and no half-written file
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise VMCreationFailedError(
+                f"Could not write the create record {path}: {e.strerror}.",
+                details={"path": str(path)},
+            ) from None
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -135,8 +143,11 @@ class RecordStore:
             os.close(dir_fd)
 
     def remove(self, uuid: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(uuid).unlink()
+        path = self._path(uuid)
+        # A read-only state_dir fails unlink with EROFS even when nothing is there.
+        if path.exists():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def leftovers(self) -> list[Plan]:
         """The records in the directory; other files there are never touched."""

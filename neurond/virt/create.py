@@ -265,6 +265,9 @@ class LibvirtProvisioner:
 
     async def remove_file(self, path: str) -> None:
         def remove() -> None:
+            # A read-only directory fails unlink with EROFS even when the file is not there.
+            if not os.path.lexists(path):
+                return
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
