@@ -42,6 +42,11 @@ DOCS: dict[str, str] = {
     "VM.GuestPing": "Whether the QEMU guest agent answers.",
     "VM.GuestInfo": "os, kernel, hostname and agent_version from the guest agent.",
     "VM.GuestExec": "Run a program in the guest; exit code and raw stdout/stderr bytes.",
+    "VM.Rename": "Rename a shut-off VM (names as at creation); the path stays. APIVersion 2.",
+    "VM.SetMemory": "Set the memory in MiB (at least 128, at most the host's RAM) in the "
+    "persistent definition; option live b also balloons the running VM. APIVersion 2.",
+    "VM.SetVCPUs": "Set the vCPUs (1 to the host's CPUs) in the persistent definition; option "
+    "live b also hot-plugs on the running VM up to its maximum. APIVersion 2.",
     "VM.Name": "The VM's name.",
     "VM.UUID": "The VM's UUID.",
     "VM.State": "creating, shutoff, starting, running, paused, stopping, crashed, pmsuspended, "

@@ -56,6 +56,9 @@ ACTIONS: dict[tuple[str, str], str] = {
     (VM, "Pause"): "vm-lifecycle",
     (VM, "Resume"): "vm-lifecycle",
     (VM, "SetAutostart"): "vm-manage",
+    (VM, "Rename"): "vm-manage",
+    (VM, "SetMemory"): "vm-manage",
+    (VM, "SetVCPUs"): "vm-manage",
     (MANAGER, "DownloadImage"): "vm-manage",
     (MANAGER, "CreateVM"): "vm-manage",
     (VM, "Delete"): "vm-manage",
@@ -300,6 +303,9 @@ class BusService:
             "GuestPing": functools.partial(self._guest_ping, vm),
             "GuestInfo": functools.partial(self._guest_info, vm),
             "GuestExec": functools.partial(self._guest_exec, vm),
+            "Rename": functools.partial(self._rename, vm),
+            "SetMemory": functools.partial(self._set_memory, vm),
+            "SetVCPUs": functools.partial(self._set_vcpus, vm),
         }
 
     async def _start(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> None:
@@ -321,6 +327,31 @@ class BusService:
     async def _set_autostart(self, vm: CoreVM, call: Call, enabled: bool) -> None:
         await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name, vm.uuid)
         await self._core().set_autostart(vm, enabled)
+
+    # ---- changes after creation (issue 12) ------------------------------------------------
+
+    async def _rename(self, vm: CoreVM, call: Call, new_name: str) -> None:
+        new_name = validate.vm_name(new_name)
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "Rename")], vm.name, vm.uuid)
+        await self._core().rename(vm, new_name)
+
+    async def _set_memory(
+        self, vm: CoreVM, call: Call, mib: int, options: dict[str, Variant]
+    ) -> None:
+        opts = validate.Options(unwrap(options), "SetMemory")
+        live = opts.bool("live")
+        opts.done()
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetMemory")], vm.name, vm.uuid)
+        await self._core().set_memory(vm, mib, live)
+
+    async def _set_vcpus(
+        self, vm: CoreVM, call: Call, count: int, options: dict[str, Variant]
+    ) -> None:
+        opts = validate.Options(unwrap(options), "SetVCPUs")
+        live = opts.bool("live")
+        opts.done()
+        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetVCPUs")], vm.name, vm.uuid)
+        await self._core().set_vcpus(vm, count, live)
 
     # ---- guest agent and display (replies within call_s: GuestExec's run is bounded) ----
 

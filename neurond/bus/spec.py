@@ -23,7 +23,7 @@ VM = f"{PREFIX}.VM"
 JOB = f"{PREFIX}.Job"
 HARDWARE = f"{PREFIX}.Hardware"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-API_VERSION = 1
+API_VERSION = 2  # 2: Rename, SetMemory, SetVCPUs (issue 12; ADDITIONS)
 
 _CONST = {"org.freedesktop.DBus.Property.EmitsChangedSignal": "const"}
 _QT = "org.qtproject.QtDBus.QtTypeName.Out0"
@@ -93,6 +93,9 @@ VM_IFACE = Interface(
         _method("GuestPing"),
         _method("GuestInfo", outs="a{sv} info"),
         _method("GuestExec", "s path, as args, a{sv} options", "i exit_code, ay stdout, ay stderr"),
+        _method("Rename", "s new_name"),
+        _method("SetMemory", "t mib, a{sv} options"),
+        _method("SetVCPUs", "u count, a{sv} options"),
     ],
     properties=[
         _prop("Name", "s"),
@@ -163,6 +166,9 @@ INTERFACES: dict[str, Interface] = {
 
 # API.md members not exported yet; a test keeps this list honest, and it only shrinks.
 NOT_YET_IMPLEMENTED: tuple[str, ...] = ()
+
+# Members beyond API.md, added under its Compatibility rule (each raises APIVersion): issue 12.
+ADDITIONS: dict[str, int] = {"VM.Rename": 2, "VM.SetMemory": 2, "VM.SetVCPUs": 2}
 
 
 def document() -> str:

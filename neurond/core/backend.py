@@ -66,6 +66,17 @@ class Backend(Protocol):
 
     async def set_autostart(self, uuid: str, enabled: bool) -> None: ...
 
+    async def rename(self, uuid: str, new_name: str) -> None: ...
+
+    async def host_limits(self) -> tuple[int, int]:
+        """(host memory in MiB, host CPUs)."""
+
+    async def set_memory(self, uuid: str, mib: int, live: bool) -> None:
+        """Always the persistent definition; also the running VM when ``live``."""
+
+    async def set_vcpus(self, uuid: str, count: int, live: bool) -> None:
+        """Always the persistent definition; also the running VM when ``live``."""
+
     async def guest_ping(self, uuid: str, timeout_s: float) -> None:
         """Each guest agent command waits at most ``timeout_s``."""
 

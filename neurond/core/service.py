@@ -20,15 +20,18 @@ from neurond.core.jobs import Job, JobManager
 from neurond.core.states import ALLOWED, Method, VMState
 from neurond.core.vm import VM, Operation
 from neurond.errors import (
+    InvalidArgumentError,
     InvalidStateError,
     LibvirtConnectionFailedError,
     NeuronError,
     TimeoutError_,
+    VMAlreadyExistsError,
     VMNotFoundError,
 )
 from neurond.validate import is_uuid
 
 _log = logging.getLogger("neurond.core")
+MIN_MEMORY_MIB = 128  # SetMemory's floor (issue 12)
 T = TypeVar("T")
 
 
@@ -241,6 +244,57 @@ class VMService:
         self._check(vm, Method.SET_AUTOSTART)
         await self.backend.set_autostart(vm.uuid, enabled)
         await self.refresh(vm.uuid)
+
+    # ---- changes after creation (issue 12) ------------------------------------------------
+
+    def _check_alone(self, vm: VM, method: Method) -> None:
+        """As _check, and no call of the same method may be joined: each carries its own value."""
+        self._check(vm, method)
+        if vm.op is not None:
+            raise InvalidStateError(
+                f"VM {vm.name!r} is busy: a {vm.op.method} is in progress (state {vm.state}).",
+                details={"vm": vm.name, "state": vm.state, "busy": vm.op.method},
+            )
+
+    async def rename(self, vm: VM, new_name: str) -> None:
+        self._check_alone(vm, Method.RENAME)
+        if new_name == vm.name:
+            return
+        other = next((v for v in self.vms.values() if v.name == new_name), None)
+        if other is not None:
+            raise VMAlreadyExistsError(
+                f"Cannot rename VM {vm.name!r}: a VM named {new_name!r} already exists.",
+                details={"vm": vm.name, "name": new_name},
+            )
+        await self._transition(vm, Method.RENAME, lambda: self.backend.rename(vm.uuid, new_name))
+
+    async def set_memory(self, vm: VM, mib: int, live: bool) -> None:
+        self._check_alone(vm, Method.SET_RESOURCES)
+        host_mib, _ = await self.backend.host_limits()
+        if not MIN_MEMORY_MIB <= mib <= host_mib:
+            raise InvalidArgumentError(
+                f"Memory of {mib} MiB is out of bounds: at least {MIN_MEMORY_MIB} MiB and at "
+                f"most the host's {host_mib} MiB.",
+                details={"argument": "mib", "minimum": MIN_MEMORY_MIB, "maximum": host_mib},
+            )
+        live = live and vm.state in (VMState.RUNNING, VMState.PAUSED)
+        await self._transition(
+            vm, Method.SET_RESOURCES, lambda: self.backend.set_memory(vm.uuid, mib, live)
+        )
+
+    async def set_vcpus(self, vm: VM, count: int, live: bool) -> None:
+        self._check_alone(vm, Method.SET_RESOURCES)
+        _, host_cpus = await self.backend.host_limits()
+        if not 1 <= count <= host_cpus:
+            raise InvalidArgumentError(
+                f"{count} vCPUs is out of bounds: at least 1 and at most the host's "
+                f"{host_cpus} CPUs.",
+                details={"argument": "count", "minimum": 1, "maximum": host_cpus},
+            )
+        live = live and vm.state in (VMState.RUNNING, VMState.PAUSED)
+        await self._transition(
+            vm, Method.SET_RESOURCES, lambda: self.backend.set_vcpus(vm.uuid, count, live)
+        )
 
     # ---- guest agent and display (no transition: they leave the state alone) ------------
 

@@ -39,6 +39,8 @@ class Method(StrEnum):
     GUEST = "guest"
     DISPLAY = "display"
     CREATE = "create"  # not a call: the slot a CreateVM job holds until it ends
+    RENAME = "rename"
+    SET_RESOURCES = "set-resources"  # SetMemory, SetVCPUs
 
 
 # API.md "What each method does in each state": anything not listed fails with InvalidState.
@@ -58,6 +60,8 @@ ALLOWED: dict[Method, frozenset[VMState]] = {
     Method.GUEST: frozenset({S.RUNNING}),
     Method.DISPLAY: frozenset({S.RUNNING, S.PAUSED}),
     Method.CREATE: frozenset(),  # only CreateVM itself takes this slot, on a new VM
+    Method.RENAME: frozenset({S.SHUTOFF}),  # libvirt renames inactive domains only
+    Method.SET_RESOURCES: _NOT_BUSY,
 }
 
 # The state a method shows while it runs, with the reason it gives (API.md: the method's name).

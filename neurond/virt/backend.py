@@ -26,6 +26,7 @@ from neurond.domain.parse import summarize
 from neurond.errors import (
     LibvirtConnectionFailedError,
     NeuronError,
+    NotSupportedError,
     OperationFailedError,
     VMNotFoundError,
     VMStartFailedError,
@@ -53,6 +54,31 @@ def register_event_loop() -> None:
         libvirt.registerErrorHandler(lambda *_: None, None)  # errors are raised, not printed
         libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
         _event_impl_registered = True
+
+
+_NOT_REFUSALS = (
+    libvirt.VIR_ERR_NO_DOMAIN,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT,
+)
+
+
+def _live(uuid: str, what: str, change: Callable[[], object]) -> None:
+    """A change to the running VM (balloon, vCPU hot-plug); the hypervisor's refusal is
+    NotSupported with its reason."""
+    try:
+        change()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in _NOT_REFUSALS:
+            raise  # translated as any other call's error
+        raise NotSupportedError(
+            f"The hypervisor cannot change the {what} of the running VM: "
+            f"{e.get_error_message()}. Nothing was changed; without option live the change "
+            "applies at the next boot.",
+            details={"uuid": uuid, "live": True},
+        ) from None
 
 
 class LibvirtBackend:
@@ -339,6 +365,57 @@ class LibvirtBackend:
             "set autostart of",
             uuid,
             lambda d: d.setAutostart(1 if enabled else 0),
+        )
+
+    # ---- changes after creation (issue 12) ------------------------------------------------
+
+    async def rename(self, uuid: str, new_name: str) -> None:
+        await self._on_domain(
+            "virt.rename", OperationFailedError, "rename", uuid, lambda d: d.rename(new_name, 0)
+        )
+
+    async def host_limits(self) -> tuple[int, int]:
+        info = await self._call(
+            "virt.host", OperationFailedError, "read the host's memory and CPUs", "",
+            lambda conn: conn.getInfo(),
+        )  # fmt: skip
+        return int(info[1]), int(info[2])
+
+    async def set_memory(self, uuid: str, mib: int, live: bool) -> None:
+        kib = mib * 1024
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        maximum = libvirt.VIR_DOMAIN_MEM_MAXIMUM
+
+        def set_(d: libvirt.virDomain) -> None:
+            if live and d.isActive():  # first: a refused live change changes nothing
+                _live(uuid, "memory", lambda: d.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            # The persistent definition: maximum and current both become ``mib`` (a lower
+            # maximum also lowers the current memory, so the maximum goes first).
+            d.setMemoryFlags(kib, config | maximum)
+            d.setMemoryFlags(kib, config)
+
+        await self._on_domain(
+            "virt.set_memory", OperationFailedError, "set the memory of", uuid, set_
+        )
+
+    async def set_vcpus(self, uuid: str, count: int, live: bool) -> None:
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+        def set_(d: libvirt.virDomain) -> None:
+            if live and d.isActive():  # first: a refused live change changes nothing
+                _live(uuid, "vCPUs", lambda: d.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            # The persistent definition: maximum and current both become ``count`` (VCPUs shows
+            # the maximum); current never above maximum, so the order depends on the direction.
+            maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+            if count >= d.vcpusFlags(maximum):
+                d.setVcpusFlags(count, maximum)
+                d.setVcpusFlags(count, config)
+            else:
+                d.setVcpusFlags(count, config)
+                d.setVcpusFlags(count, maximum)
+
+        await self._on_domain(
+            "virt.set_vcpus", OperationFailedError, "set the vCPUs of", uuid, set_
         )
 
     # ---- guest agent, display, capabilities ---------------------------------------------

@@ -242,7 +242,7 @@ async def test_manager_properties_by_get_all(daemon: Any, client: Client) -> Non
     (props,) = await client.call(MANAGER_PATH, PROPERTIES, "GetAll", "s", [MANAGER])
     assert signatures(props) == MANAGER_PROPERTY_TYPES
     values = unwrap(props)
-    assert values["APIVersion"] == 1
+    assert values["APIVersion"] == 2  # 2: issue 12's additions (spec.ADDITIONS)
     assert values["Connected"] is True
     assert values["LibvirtURI"] == "test:///default"
     assert values["Version"]
@@ -282,7 +282,7 @@ async def test_properties_set_is_read_only(daemon: Any, client: Client) -> None:
         PROPERTIES,
         "Set",
         "ssv",
-        [MANAGER, "APIVersion", Variant("u", 2)],
+        [MANAGER, "APIVersion", Variant("u", 3)],
     )
     await expect_error(
         client,
@@ -293,7 +293,7 @@ async def test_properties_set_is_read_only(daemon: Any, client: Client) -> None:
         "ssv",
         [VM, "Autostart", Variant("b", True)],
     )
-    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 1
+    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 2
     assert await client.get(TEST_PATH, VM, "Autostart") is False
 
 

@@ -44,6 +44,9 @@ LIFECYCLE_ARGS: dict[str, tuple[str, ...]] = {
     "GuestPing": (),
     "GuestInfo": (),
     "GuestExec": ("/bin/true", "[]", "{}"),
+    "Rename": ("'renamed-by-nobody'",),
+    "SetMemory": ("512", "{}"),
+    "SetVCPUs": ("1", "{}"),
 }
 
 

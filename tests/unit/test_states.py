@@ -25,6 +25,8 @@ CONTRACT = {
     Method.GUEST: {"running"},
     Method.DISPLAY: {"running", "paused"},
     Method.CREATE: set(),  # not a call: CreateVM's job holds it on the new VM
+    Method.RENAME: {"shutoff"},  # issue 12: shut-off VMs only
+    Method.SET_RESOURCES: {s.value for s in VMState} - {"creating", "deleting"},
 }
 
 
