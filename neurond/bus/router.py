@@ -65,10 +65,6 @@ class Call:
     def sender(self) -> str:
         return self.msg.sender or ""
 
-    @property
-    def interactive(self) -> bool:
-        return bool(self.msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-
 
 Handler = Callable[..., Awaitable[Any]]
 

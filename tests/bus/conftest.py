@@ -113,6 +113,24 @@ class Client:
             await asyncio.sleep(0.01)
 
 
+async def flood(address: str, calls: int) -> list[str]:
+    """``calls`` concurrent ListJobs from one fresh connection: "ok" or the error name of each
+    (for the per-sender limit; give ListJobs a delay fault so they are in flight together)."""
+    c = Client(await MessageBus(bus_address=address).connect())
+    try:
+
+        async def one() -> str:
+            try:
+                await c.call(MANAGER_PATH, MANAGER, "ListJobs")
+            except CallFailed as e:
+                return e.name
+            return "ok"
+
+        return list(await asyncio.gather(*(one() for _ in range(calls))))
+    finally:
+        c.bus.disconnect()
+
+
 def opts(**kw: Variant) -> dict[str, Variant]:
     return dict(kw)
 

@@ -44,6 +44,7 @@ from tests.bus.conftest import (
     VM,
     CallFailed,
     Client,
+    flood,
 )
 from tests.harness import REPO_ROOT, Daemon, PrivateBus, make_test_node_xml, node_uri
 
@@ -175,23 +176,6 @@ async def _worker(
 # ---- tests ---------------------------------------------------------------------------------
 
 
-async def _flood_count(address: str, limit: int) -> list[str]:
-    """2xlimit concurrent delayed ListJobs from one fresh connection: the outcomes."""
-    c = Client(await MessageBus(bus_address=address).connect())
-    try:
-
-        async def one() -> str:
-            try:
-                await c.call(MANAGER_PATH, MANAGER, "ListJobs")
-            except CallFailed as e:
-                return e.name
-            return "ok"
-
-        return list(await asyncio.gather(*(one() for _ in range(2 * limit))))
-    finally:
-        c.bus.disconnect()
-
-
 async def _disconnect_mid_call(address: str) -> None:
     """A client sends a slow call and leaves before the reply."""
     bus = await MessageBus(bus_address=address).connect()
@@ -234,7 +218,7 @@ async def test_200_clients_50_mixed_calls(
     ]
     # Meanwhile: 40 clients leave with their call in flight, and a flooder gets its limit.
     await asyncio.gather(*(_disconnect_mid_call(private_bus.address) for _ in range(40)))
-    flood = await _flood_count(private_bus.address, limit)
+    flooded = await flood(private_bus.address, 2 * limit)
     outputs = [await w.communicate() for w in workers]
     elapsed = time.monotonic() - t0
 
@@ -245,12 +229,12 @@ async def test_200_clients_50_mixed_calls(
         assert result["dropped"] == 0, result
         problems.extend(result["problems"])
     assert not problems, f"{len(problems)} wrong replies:\n" + "\n".join(problems[:20])
-    assert flood.count("ok") == limit and flood.count(ERR + "LimitExceeded") == limit, flood
+    assert flooded.count("ok") == limit and flooded.count(ERR + "LimitExceeded") == limit, flooded
     assert d.proc is not None and d.proc.poll() is None
     assert "bus connection was lost" not in d.stderr_text()
     assert "Traceback" not in d.stderr_text(), d.stderr_text()[-3000:]
     # Nothing of the leavers or the flooder is left in the per-sender table.
-    assert (await _flood_count(private_bus.address, limit)).count("ok") == limit
+    assert (await flood(private_bus.address, 2 * limit)).count("ok") == limit
     print(f"{n_clients} clients x {CALLS_PER_CLIENT} calls in {elapsed:.1f} s")
 
 

@@ -47,6 +47,38 @@ def _path(uuid: str) -> str:
     return "/org/neuronos/Neuron1/vm/" + uuid.replace("-", "_")
 
 
+def gdbus_call(
+    bus: PrivateBus,
+    path: str,
+    method: str,
+    *args: str,
+    nobody: bool = True,
+    interactive: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """`gdbus call` (which shows the typed error name) on neurond, as uid 65534 by default."""
+    cmd = [
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.neuronos.Neuron1",
+        "--object-path",
+        path,
+        "--method",
+        method,
+        *(["--interactive"] if interactive else []),
+        *args,
+    ]
+    return subprocess.run(
+        run_as_nobody(cmd) if nobody else cmd,
+        env=bus.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class Setup:
     def __init__(
         self, bus: PrivateBus, polkit: PrivatePolkit, daemon: Daemon, uuids: list[str]
@@ -56,26 +88,13 @@ class Setup:
     def call(
         self, uuid: str, method: str, *args: str, nobody: bool = True, interactive: bool = False
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [
-            "gdbus",
-            "call",
-            "--system",
-            "--dest",
-            "org.neuronos.Neuron1",
-            "--object-path",
+        return gdbus_call(
+            self.bus,
             _path(uuid),
-            "--method",
             f"{VM_IFACE}.{method}",
-            *(["--interactive"] if interactive else []),
             *args,
-        ]
-        return subprocess.run(
-            run_as_nobody(cmd) if nobody else cmd,
-            env=self.bus.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+            nobody=nobody,
+            interactive=interactive,
         )
 
     def state(self, uuid: str) -> str:
@@ -142,25 +161,7 @@ def test_cancel_of_another_users_job_asks_polkit(setup: Setup) -> None:
     started = setup.call(vm1, "Shutdown", "{}", nobody=False)
     assert started.returncode == 0, started.stderr
     job = started.stdout.split("'")[1]
-    cmd = [
-        "gdbus",
-        "call",
-        "--system",
-        "--dest",
-        "org.neuronos.Neuron1",
-        "--object-path",
-        job,
-        "--method",
-        "org.neuronos.Neuron1.Job.Cancel",
-    ]
-    refused = subprocess.run(
-        run_as_nobody(cmd),
-        env=setup.bus.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    refused = gdbus_call(setup.bus, job, "org.neuronos.Neuron1.Job.Cancel")
     assert _error(refused) == ERR + "PermissionDenied"
     assert "cancel-job-other-user" in refused.stderr
 
@@ -288,22 +289,7 @@ def mock_setup() -> Iterator[tuple[PrivateBus, MockPolkit, Daemon]]:
 def _nobody_call(
     bus: PrivateBus, method: str, *args: str, interactive: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        "gdbus",
-        "call",
-        "--system",
-        "--dest",
-        "org.neuronos.Neuron1",
-        "--object-path",
-        TEST_PATH,
-        "--method",
-        f"{VM_IFACE}.{method}",
-        *(["--interactive"] if interactive else []),
-        *args,
-    ]
-    return subprocess.run(
-        run_as_nobody(cmd), env=bus.env(), capture_output=True, text=True, timeout=60, check=False
-    )
+    return gdbus_call(bus, TEST_PATH, f"{VM_IFACE}.{method}", *args, interactive=interactive)
 
 
 def test_hanging_polkit_is_a_bounded_permission_denied(
@@ -350,13 +336,13 @@ def test_lifecycle_allowed_uid_may_stop_and_start_but_not_create_or_delete(setup
     for interactive, expected in ((False, INTERACTIVE_REQUIRED), (True, ERR + "PermissionDenied")):
         delete = setup.call(vm0, "Delete", "{'force': <true>}", interactive=interactive)
         assert _error(delete) == expected
-        create = subprocess.run(
-            run_as_nobody(["gdbus", "call", "--system", "--dest", "org.neuronos.Neuron1",
-                           "--object-path", "/org/neuronos/Neuron1/Manager", "--method",
-                           "org.neuronos.Neuron1.Manager.CreateVM",
-                           *(["--interactive"] if interactive else []), "{'name': <'evil'>}"]),
-            env=setup.bus.env(), capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+        create = gdbus_call(
+            setup.bus,
+            "/org/neuronos/Neuron1/Manager",
+            "org.neuronos.Neuron1.Manager.CreateVM",
+            "{'name': <'evil'>}",
+            interactive=interactive,
+        )
         assert _error(create) == expected
     assert "running" in setup.state(vm0)
     listed = gdbus(

@@ -36,8 +36,8 @@ from tests.bus.conftest import (
     PROPERTIES,
     ROOT,
     VM,
-    CallFailed,
     Client,
+    flood,
 )
 from tests.harness import REPO_ROOT, Daemon, PrivateBus, make_test_node_xml, node_uri
 
@@ -166,22 +166,6 @@ async def fill_libvirt_pool(address: str) -> None:
             c.bus.disconnect()
 
 
-async def flood(address: str, limit: int) -> list[str]:
-    c = Client(await MessageBus(bus_address=address).connect())
-    try:
-
-        async def one() -> str:
-            try:
-                await c.call(MANAGER_PATH, MANAGER, "ListJobs")
-            except CallFailed as e:
-                return e.name
-            return "ok"
-
-        return list(await asyncio.gather(*(one() for _ in range(3 * limit))))
-    finally:
-        c.bus.disconnect()
-
-
 async def test_soak_returns_to_baseline(
     tmp_path: Path, private_bus: PrivateBus, start_daemon: Callable[..., Daemon]
 ) -> None:
@@ -213,7 +197,7 @@ async def test_soak_returns_to_baseline(
         await asyncio.sleep(0.2)
     assert now[0] <= base[0], f"open fds {base[0]} -> {now[0]}: {os.listdir(f'/proc/{d.pid}/fd')}"
     assert now[1] <= base[1], f"threads {base[1]} -> {now[1]}"
-    outcomes = await flood(address, limit)
+    outcomes = await flood(address, 3 * limit)
     assert outcomes.count("ok") == limit, outcomes
     assert outcomes.count(ERR + "LimitExceeded") == 2 * limit, outcomes
     assert d.proc is not None and d.proc.poll() is None
