@@ -6,15 +6,18 @@ Everything runs on one private system-type bus (tests/harness.py PrivateBus with
 policies, so libvirt-dbus may own org.libvirt): neurond (subprocess, READY=1 via
 NOTIFY_SOCKET), `/usr/sbin/libvirt-dbus --system` (needs root) and bench/helpers/echo_service.py
 (the floor). The client is this process, dbus-fast low-level `Message` calls, the same code
-path for every service. Every comparison is measured in the same run, rounds interleaved;
-figures are medians over `--runs` rounds. Backend: libvirt's test driver. libvirt-dbus has
+path for every service. Every comparison is measured in the same run, rounds interleaved in
+ABBA order (abba()); figures are medians over `--runs` rounds; each table carries the load
+average. Backend: libvirt's test driver. libvirt-dbus has
 no URI option and serves test:///default at /org/libvirt/Test, so for the N-domain lists
 this script defines the same N domains (names, UUIDs, 64 MiB, every 2nd running) into
 libvirt-dbus's test connection with DomainDefineXML + Create and removes the stock `test`
 domain, while neurond opens a test-driver node file with those N domains: both daemons then
 answer from libvirt's test driver holding identical domains. Section "libvirtd" repeats the
 VM list on real libvirtd (qemu:///system at /org/libvirt/QEMU for libvirt-dbus), under
-flock /tmp/neurond-libvirtd.lock, with shut-off bench-NNNN domains it defines and removes.
+flock /tmp/neurond-libvirtd.lock, with shut-off bench-NNNN domains it defines and removes;
+section "virsh" times `virsh suspend`/`resume` of a running tiny guest (TESTING.md) to each
+daemon's signal, against this process's own libvirt event.
 Prints Markdown; never asserts on timings (benchmarks never do).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +61,7 @@ OM = "org.freedesktop.DBus.ObjectManager"
 TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's stock domain "test"
 TEST_PATH = f"{N_ROOT}/vm/{TEST_UUID.replace('-', '_')}"
 L_CONN = [L_TEST]  # the libvirt-dbus connection the VM-list methods read
-ALL_SECTIONS = ("list", "libvirtd", "single", "lifecycle", "events", "cost")
+ALL_SECTIONS = ("list", "libvirtd", "virsh", "single", "lifecycle", "events", "cost")
 
 # org.libvirt.conf lets only the libvirtdbus user own org.libvirt; libvirt-dbus --system runs
 # as root here (it must, to reach qemu:///system), so root may own it on this private bus.
@@ -83,6 +87,11 @@ async def call(
     if reply.message_type is MessageType.ERROR:
         raise CallError(f"{dest} {member}: {reply.error_name} {reply.body}")
     return list(reply.body)
+
+
+def load() -> str:
+    """The load average now: other work on the same CPUs moves every figure."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median(xs: list[float]) -> float:
@@ -245,9 +254,30 @@ LIST_METHODS: dict[str, Callable[[MessageBus], Awaitable[list[tuple[Any, ...]]]]
 }
 
 
+def abba(items: list[Any], round_: int) -> list[Any]:
+    """The order of one round: forwards, then backwards (ABC CBA ...), so that a machine
+    getting busier or quieter during a run (other work on the same CPUs) weighs on every
+    service alike."""
+    return items if round_ % 2 == 0 else items[::-1]
+
+
+async def interleaved(c: MessageBus, runs: int, expected: int) -> dict[str, list[float]]:
+    """Every VM-list method once per round, rounds in ABBA order; seconds per call."""
+    times: dict[str, list[float]] = {k: [] for k in LIST_METHODS}
+    for r in range(runs):
+        for name in abba(list(LIST_METHODS), r):
+            t = time.perf_counter()
+            got = await LIST_METHODS[name](c)
+            times[name].append(time.perf_counter() - t)
+            if len(got) != expected:
+                raise RuntimeError(f"{name}: {len(got)} VMs, expected {expected}")
+    return times
+
+
 async def bench_list(bus: PrivateBus, c: MessageBus, sizes: list[int], runs: int,
                      work: Path, out: dict[str, Any]) -> None:  # fmt: skip
     print("\n### VM list: every VM's name, UUID, state (and memory), test driver\n")
+    print(f"({load()})\n")
     print("| domains | method | median ms | vs neurond GetManagedObjects |")
     print("|---|---|---|---|")
     for n in sizes:
@@ -259,14 +289,7 @@ async def bench_list(bus: PrivateBus, c: MessageBus, sizes: list[int], runs: int
         define_s = time.perf_counter() - t0
         daemon = Daemon(bus, libvirt_uri=node_uri(node_path)).start()
         try:
-            times: dict[str, list[float]] = {k: [] for k in LIST_METHODS}
-            for _ in range(runs):
-                for name, fn in LIST_METHODS.items():
-                    t = time.perf_counter()
-                    got = await fn(c)
-                    times[name].append(time.perf_counter() - t)
-                    if len(got) != n:
-                        raise RuntimeError(f"{name}: {len(got)} VMs, expected {n}")
+            times = await interleaved(c, runs, n)
             base = median(times["neurond GetManagedObjects"])
             for name, ts in times.items():
                 print(f"| {n} | {name} | {median(ts) * 1e3:.2f} | {median(ts) / base:.1f}x |")
@@ -284,22 +307,25 @@ async def bench_list(bus: PrivateBus, c: MessageBus, sizes: list[int], runs: int
         print(f"| {n} | {nr:.1f} | {lr:.1f} | {out['define_s'][n]:.2f} |")
 
 
-async def bench_list_libvirtd(bus: PrivateBus, c: MessageBus, sizes: list[int], runs: int,
-                              out: dict[str, Any]) -> None:  # fmt: skip
-    """The VM list on real libvirtd (qemu:///system), both daemons reading the same domains.
+@contextlib.asynccontextmanager
+async def real_libvirtd(events: bool = False) -> AsyncIterator[Any]:
+    """A connection to real libvirtd (qemu:///system), under /tmp/neurond-libvirtd.lock.
 
-    Holds /tmp/neurond-libvirtd.lock throughout; starts virtlogd/libvirtd only if they are not
-    running (and stops only those); defines shut-off bench-NNNN domains (a running QEMU per
-    domain is not affordable at 1,000) and undefines every one of them, also on failure.
+    Starts virtlogd/libvirtd only if they are not running (and stops only those); at the end
+    destroys and undefines every bench-* domain, also on failure. ``events``: this process
+    hears libvirt's domain events too (libvirtaio on the running loop).
     """
     import fcntl
 
     import libvirt
+    import libvirtaio
 
     sys.path.insert(0, str(ROOT / "bench" / "helpers"))
     import libvirtd_define as ld
 
     libvirt.registerErrorHandler(lambda *a: None, None)
+    if events:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
     lock = open("/tmp/neurond-libvirtd.lock", "w")  # held until the end
     fcntl.flock(lock, fcntl.LOCK_EX)
     started = []
@@ -316,53 +342,170 @@ async def bench_list_libvirtd(bus: PrivateBus, c: MessageBus, sizes: list[int], 
             except libvirt.libvirtError:
                 await asyncio.sleep(0.1)
         assert conn is not None, "libvirtd does not answer"
-        L_CONN[0] = "/org/libvirt/QEMU"
-        print("\n### VM list on real libvirtd (qemu:///system, shut-off domains)\n")
-        print("| domains | method | median ms | vs neurond GetManagedObjects |")
-        print("|---|---|---|---|")
-        defined = 0
-        for n in sizes:
-            t = time.perf_counter()
-            while defined < n:
-                conn.defineXML(ld.xml(defined))
-                defined += 1
-            define_s = time.perf_counter() - t
-            expected = len(conn.listAllDomains())
-            lv = await start_libvirt_dbus(bus, c)
-            daemon = Daemon(bus, libvirt_uri="qemu:///system").start()
-            try:
-                times: dict[str, list[float]] = {k: [] for k in LIST_METHODS}
-                for _ in range(runs):
-                    for name, fn in LIST_METHODS.items():
-                        t = time.perf_counter()
-                        got = await fn(c)
-                        times[name].append(time.perf_counter() - t)
-                        if len(got) != expected:
-                            raise RuntimeError(f"{name}: {len(got)} VMs, expected {expected}")
-                base = median(times["neurond GetManagedObjects"])
-                for name, ts in times.items():
-                    print(f"| {n} | {name} | {median(ts) * 1e3:.2f} | {median(ts) / base:.1f}x |")
-                out.setdefault("libvirtd_list", {})[n] = {k: median(v) for k, v in times.items()}
-                out.setdefault("libvirtd_define_s", {})[n] = define_s
-                out.setdefault("libvirtd_rss", {})[n] = (rss_mib(daemon.pid), rss_mib(lv.pid))
-            finally:
-                daemon.close()
-                lv.stop()
-        print("\n| domains | neurond RSS MiB | libvirt-dbus RSS MiB | defineXML of the added, s |")
-        print("|---|---|---|---|")
-        for n in sizes:
-            nr, lr = out["libvirtd_rss"][n]
-            print(f"| {n} | {nr:.1f} | {lr:.1f} | {out['libvirtd_define_s'][n]:.2f} |")
+        yield conn
     finally:
-        L_CONN[0] = L_TEST
         if conn is not None:
             for d in conn.listAllDomains():
                 if d.name().startswith(ld.PREFIX):
+                    if d.isActive():
+                        d.destroy()
                     d.undefine()
             conn.close()
         for pidfile in reversed(started):
             os.kill(int(Path(pidfile).read_text().strip()), signal.SIGTERM)
+            for _ in range(100):  # gone before the lock goes (the next user starts its own)
+                if not ld.alive(pidfile):
+                    break
+                await asyncio.sleep(0.1)
         lock.close()
+
+
+async def bench_list_libvirtd(bus: PrivateBus, c: MessageBus, sizes: list[int], runs: int,
+                              out: dict[str, Any]) -> None:  # fmt: skip
+    """The VM list on real libvirtd (qemu:///system), both daemons reading the same domains.
+
+    Defines shut-off bench-NNNN domains (a running QEMU per domain is not affordable at
+    1,000); real_libvirtd() undefines them.
+    """
+    sys.path.insert(0, str(ROOT / "bench" / "helpers"))
+    import libvirtd_define as ld
+
+    async with real_libvirtd() as conn:
+        L_CONN[0] = "/org/libvirt/QEMU"
+        try:
+            print("\n### VM list on real libvirtd (qemu:///system, shut-off domains)\n")
+            print(f"({load()})\n")
+            print("| domains | method | median ms | vs neurond GetManagedObjects |")
+            print("|---|---|---|---|")
+            defined = 0
+            for n in sizes:
+                t = time.perf_counter()
+                while defined < n:
+                    conn.defineXML(ld.xml(defined))
+                    defined += 1
+                define_s = time.perf_counter() - t
+                expected = len(conn.listAllDomains())
+                lv = await start_libvirt_dbus(bus, c)
+                daemon = Daemon(bus, libvirt_uri="qemu:///system").start()
+                try:
+                    times = await interleaved(c, runs, expected)
+                    base = median(times["neurond GetManagedObjects"])
+                    for name, ts in times.items():
+                        print(f"| {n} | {name} | {median(ts) * 1e3:.2f} | "
+                              f"{median(ts) / base:.1f}x |")  # fmt: skip
+                    medians = {k: median(v) for k, v in times.items()}
+                    out.setdefault("libvirtd_list", {})[n] = medians
+                    out.setdefault("libvirtd_define_s", {})[n] = define_s
+                    out.setdefault("libvirtd_rss", {})[n] = (rss_mib(daemon.pid), rss_mib(lv.pid))
+                finally:
+                    daemon.close()
+                    lv.stop()
+            print("\n| domains | neurond RSS MiB | libvirt-dbus RSS MiB "
+                  "| defineXML of the added, s |")  # fmt: skip
+            print("|---|---|---|---|")
+            for n in sizes:
+                nr, lr = out["libvirtd_rss"][n]
+                print(f"| {n} | {nr:.1f} | {lr:.1f} | {out['libvirtd_define_s'][n]:.2f} |")
+        finally:
+            L_CONN[0] = L_TEST
+
+
+GUEST_DIR = Path("/var/cache/neurond-tests/guest")  # TESTING.md's tiny guest
+GUEST_UUID = "62656e63-6800-4000-8000-6775657374aa"
+
+
+def guest_xml() -> str:
+    """The tiny guest (TESTING.md): q35, type qemu, 256 MiB, direct kernel boot, no disk."""
+    return (f"<domain type='qemu'><name>bench-guest</name><uuid>{GUEST_UUID}</uuid>"
+            "<memory unit='MiB'>256</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='q35'>hvm</type>"
+            f"<kernel>{GUEST_DIR / 'vmlinuz'}</kernel><initrd>{GUEST_DIR / 'initrd-plain.img'}"
+            "</initrd><cmdline>console=ttyS0 quiet</cmdline></os><features><acpi/></features>"
+            "<on_poweroff>destroy</on_poweroff><devices><memballoon model='none'/></devices>"
+            "</domain>")  # fmt: skip
+
+
+async def bench_virsh_events(bus: PrivateBus, c: MessageBus, runs: int, pairs: int,
+                             out: dict[str, Any]) -> None:  # fmt: skip
+    """`virsh suspend`/`resume` of a running tiny guest on real libvirtd; every change is seen
+    by three observers at once: this process's own libvirt connection (the event as libvirtd
+    sends it: the reference), neurond's PropertiesChanged and libvirt-dbus's DomainEvent."""
+    import libvirt
+
+    path = f"{N_ROOT}/vm/{GUEST_UUID.replace('-', '_')}"
+    async with real_libvirtd(events=True) as conn:
+        dom = conn.defineXML(guest_xml())
+        dom.create()
+        seen: dict[str, float] = {}
+
+        def on_libvirt(_c: Any, d: Any, event: int, _detail: int, _o: Any) -> None:
+            if d.UUIDString() == GUEST_UUID and event in (libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
+                                                          libvirt.VIR_DOMAIN_EVENT_RESUMED):
+                seen.setdefault("libvirt", time.perf_counter())  # fmt: skip
+
+        cb = conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_libvirt,
+                                         None)  # fmt: skip
+        lv = await start_libvirt_dbus(bus, c)
+        # libvirt-dbus opens qemu:///system (and registers for its events) on first use.
+        await call(c, L_NAME, "/org/libvirt/QEMU", PROPS, "Get", "ss", [L_CONNECT, "Version"])
+        daemon = Daemon(bus, libvirt_uri="qemu:///system").start()
+        sc = await MessageBus(bus_address=bus.address).connect()
+
+        def on_signal(m: Message) -> bool:
+            if m.message_type is not MessageType.SIGNAL:
+                return False
+            if m.member == "PropertiesChanged" and m.path == path and "State" in m.body[1]:
+                if m.body[1]["State"].value in ("paused", "running"):
+                    seen.setdefault("neurond", time.perf_counter())
+            elif m.member == "DomainEvent" and m.body[1] in (L_SUSPENDED, L_RESUMED):
+                seen.setdefault("libvirt-dbus", time.perf_counter())
+            return False
+
+        sc.add_message_handler(on_signal)
+        await add_match(sc, f"type='signal',sender='{N_NAME}',path='{path}',interface='{PROPS}'")
+        await add_match(sc, f"type='signal',sender='{L_NAME}',interface='{L_CONNECT}',"
+                            "member='DomainEvent'")  # fmt: skip
+        names = ("virsh returns", "neurond PropertiesChanged", "libvirt-dbus DomainEvent")
+        lat: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in names}
+        try:
+            for _ in range(runs):
+                samples: dict[str, list[float]] = {k: [] for k in names}
+                for i in range(2 * pairs):
+                    seen.clear()
+                    proc = await asyncio.create_subprocess_exec(
+                        "virsh", "-q", "-c", "qemu:///system",
+                        "suspend" if i % 2 == 0 else "resume", "bench-guest",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                    if await proc.wait() != 0:
+                        raise RuntimeError("virsh failed")
+                    done = time.perf_counter()
+                    deadline = done + 5
+                    while len(seen) < 3 and time.perf_counter() < deadline:
+                        await asyncio.sleep(0.0005)
+                    if len(seen) < 3:
+                        raise RuntimeError(f"signals missing: saw only {sorted(seen)}")
+                    ref = seen["libvirt"]
+                    samples["virsh returns"].append(done - ref)
+                    samples["neurond PropertiesChanged"].append(seen["neurond"] - ref)
+                    samples["libvirt-dbus DomainEvent"].append(seen["libvirt-dbus"] - ref)
+                for k in names:
+                    lat[k][0].append(pct(samples[k], 50))
+                    lat[k][1].append(pct(samples[k], 99))
+        finally:
+            sc.disconnect()
+            daemon.close()
+            lv.stop()
+            conn.domainEventDeregisterAny(cb)
+    print("\n### Event latency on real libvirtd: `virsh suspend`/`resume` of a running guest\n")
+    print(f"({load()})\n")
+    print("Milliseconds after this process's own libvirt connection got the event.\n")
+    print("| observer | p50 | p99 | p99 vs libvirt-dbus |")
+    print("|---|---|---|---|")
+    lp99 = median(lat["libvirt-dbus DomainEvent"][1])
+    for k, (p50s, p99s) in lat.items():
+        p50, p99 = median(p50s), median(p99s)
+        print(f"| {k} | {p50 * 1e3:.2f} | {p99 * 1e3:.2f} | {p99 / lp99:.2f}x |")
+        out.setdefault("virsh", {})[k] = (p50, p99)
 
 
 # -- 2. single calls -----------------------------------------------------------------------
@@ -412,6 +555,7 @@ async def bench_single(bus: PrivateBus, c: MessageBus, runs: int, ops: int, conc
     conns = [await MessageBus(bus_address=bus.address).connect() for _ in range(max(concurrency))]
     try:
         print("\n### Single call: lookup by name + one property Get (ms), test driver\n")
+        print(f"({load()})\n")
         print("| clients | service | p50 | p99 | p50 vs echo floor |")
         print("|---|---|---|---|---|")
         for k in concurrency:
@@ -420,9 +564,9 @@ async def bench_single(bus: PrivateBus, c: MessageBus, runs: int, ops: int, conc
             p99s: dict[str, list[float]] = {name: [] for name in SINGLE_OPS}
             for op in SINGLE_OPS.values():  # warm-up
                 await latencies(conns[:k], op, 2)
-            for _ in range(runs):
-                for name, op in SINGLE_OPS.items():
-                    s = await latencies(conns[:k], op, per_client)
+            for r in range(runs):
+                for name in abba(list(SINGLE_OPS), r):
+                    s = await latencies(conns[:k], SINGLE_OPS[name], per_client)
                     p50s[name].append(pct(s, 50))
                     p99s[name].append(pct(s, 99))
             floor = median(p50s["echo floor Lookup + Get"])
@@ -514,13 +658,14 @@ async def bench_lifecycle_events(bus: PrivateBus, c: MessageBus, runs: int, pair
                         "libvirt-dbus Suspend + Resume": l_pair,
                         "echo floor 2 x Echo": e_pair}  # fmt: skip
             rates: dict[str, list[float]] = {k: [] for k in pair_ops}
-            for _ in range(runs):
-                for name, fn in pair_ops.items():
+            for r in range(runs):
+                for name in abba(list(pair_ops), r):
                     t = time.perf_counter()
                     for _ in range(pairs):
-                        await fn(c)
+                        await pair_ops[name](c)
                     rates[name].append(pairs / (time.perf_counter() - t))
             print("\n### Lifecycle: Pause/Resume round trips, one client, test driver\n")
+            print(f"({load()})\n")
             print("| service | pairs/s (median) | vs libvirt-dbus |")
             print("|---|---|---|")
             lbase = median(rates["libvirt-dbus Suspend + Resume"])
@@ -532,8 +677,8 @@ async def bench_lifecycle_events(bus: PrivateBus, c: MessageBus, runs: int, pair
                 "neurond Pause → PropertiesChanged": ([], []),
                 "libvirt-dbus Suspend → DomainEvent": ([], []),
             }
-            for _ in range(runs):
-                for name in lat:
+            for r in range(runs):
+                for name in abba(list(lat), r):
                     samples = []
                     for _ in range(pairs):
                         if name.startswith("neurond"):
@@ -555,6 +700,7 @@ async def bench_lifecycle_events(bus: PrivateBus, c: MessageBus, runs: int, pair
                     lat[name][0].append(pct(samples, 50))
                     lat[name][1].append(pct(samples, 99))
             print("\n### Event latency: call sent → signal received (ms), test driver\n")
+            print(f"({load()})\n")
             print("| path | p50 | p99 | p99 vs libvirt-dbus |")
             print("|---|---|---|---|")
             lp99 = median(lat["libvirt-dbus Suspend → DomainEvent"][1])
@@ -605,8 +751,9 @@ async def bench_cost(bus: PrivateBus, c: MessageBus, runs: int, calls: int,
     }
     cpu: dict[str, list[float]] = {k: [] for k in targets}
     try:
-        for _ in range(runs):
-            for name, (pid, (dest, path, iface, prop)) in targets.items():
+        for r in range(runs):
+            for name in abba(list(targets), r):
+                pid, (dest, path, iface, prop) = targets[name]
                 before = cpu_s(pid)
                 for i in range(0, calls, 50):
                     await asyncio.gather(*(call(c, dest, path, PROPS, "Get", "ss", [iface, prop])
@@ -617,6 +764,7 @@ async def bench_cost(bus: PrivateBus, c: MessageBus, runs: int, calls: int,
         echo.stop()
         lv.stop()
     print("\n### Cost (medians)\n")
+    print(f"({load()})\n")
     print("| measure | value |")
     print("|---|---|")
     print(f"| neurond start-up to READY=1 (test:///default) | {median(startup) * 1e3:.0f} ms |")
@@ -645,6 +793,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await bench_list(bus, c, sizes, args.runs, work, out)
             if "libvirtd" in only:
                 await bench_list_libvirtd(bus, c, sizes, args.runs, out)
+            if "virsh" in only:
+                await bench_virsh_events(bus, c, args.runs, args.virsh_pairs, out)
             if "single" in only:
                 conc = [int(x) for x in args.clients.split(",")]
                 await bench_single(bus, c, args.runs, args.ops, conc, out)
@@ -665,6 +815,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ops", type=int, default=1000, help="single-call samples per round")
     p.add_argument("--clients", default="1,50", help="concurrent client connections")
     p.add_argument("--pairs", type=int, default=200, help="pause/resume pairs per round")
+    p.add_argument("--virsh-pairs", type=int, default=20,
+                   help="virsh suspend/resume pairs per round (real libvirtd)")
     p.add_argument("--calls", type=int, default=10000, help="calls for the CPU-time figure")
     p.add_argument("--only", default="", help=f"comma list of {','.join(ALL_SECTIONS)}")
     args = p.parse_args(argv)

@@ -4,19 +4,23 @@ Only active when the daemon runs with ``--test-hooks``; then ``NEUROND_FAULTS`` 
 ``point:effect[:arg][,…]``. Effects: ``error`` (an unexpected exception), ``libvirt`` (a libvirt
 error, raised by the virt layer at its points), ``delay:SECONDS`` (the point waits),
 ``block:SECONDS`` (the point blocks its thread: at a ``bus.*`` point that is the event loop, which
-stops everything, watchdog pings included, as a hung handler would). Without the flag nothing
-here is ever consulted, so a shipped daemon cannot be made to fail this way.
+stops everything, watchdog pings included, as a hung handler would), ``tasks`` (a probe, not a
+fault: the point logs how many asyncio tasks exist, so a soak test can see tasks return to their
+baseline). Without the flag nothing here is ever consulted, so a shipped daemon cannot be made to
+fail this way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from neurond.errors import InvalidConfigError
 
-EFFECTS = ("error", "libvirt", "delay", "block")
+EFFECTS = ("error", "libvirt", "delay", "block", "tasks")
+_log = logging.getLogger("neurond.faults")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def hit(point: str) -> Fault | None:
         return None
     if fault.effect == "error":
         raise InjectedFault(f"injected fault at {point}")
+    if fault.effect == "tasks":
+        return None  # a probe of the event loop: nothing to count in a thread
     return fault
 
 
@@ -72,5 +78,14 @@ async def ahit(point: str) -> Fault | None:
     fault = _faults.get(point)
     if fault is not None and fault.effect == "delay":
         await asyncio.sleep(fault.seconds)
+        return None
+    if fault is not None and fault.effect == "tasks":
+        count = len(asyncio.all_tasks())
+        _log.warning(
+            "Probe %s: %d asyncio tasks",
+            point,
+            count,
+            extra={"fields": {"NEUROND_TASKS": str(count)}},
+        )
         return None
     return hit(point)

@@ -21,13 +21,18 @@ from tests.harness import PrivateBus
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "polkit" / "org.neuronos.neuron1.policy"
+OWNER_RULES = REPO / "polkit" / "70-neurond-owner.rules"
 POLKITD = "/usr/lib/polkit-1/polkitd"
 
 
 class PrivatePolkit:
-    """polkitd serving ``bus`` (which must include the system policies) with ``rules`` (JS)."""
+    """polkitd serving ``bus`` (which must include the system policies) with ``rules`` (JS).
 
-    def __init__(self, bus: PrivateBus, rules: str) -> None:
+    ``shipped_rules`` adds the project's owner rules (70-neurond-owner.rules) after the test's
+    (50-test.rules), as a distribution that installs them has them.
+    """
+
+    def __init__(self, bus: PrivateBus, rules: str, shipped_rules: bool = False) -> None:
         self.bus = bus
         self.dir = Path(tempfile.mkdtemp(prefix="neurond-polkit-"))
         self.actions = self.dir / "actions"
@@ -37,6 +42,8 @@ class PrivatePolkit:
             d.mkdir()
         shutil.copy(POLICY, self.actions)
         (self.rules / "50-test.rules").write_text(rules)
+        if shipped_rules:
+            shutil.copy(OWNER_RULES, self.rules)
         for p in (self.dir, self.actions, self.rules, self.empty):
             p.chmod(0o755)  # polkitd drops to its own user and must read them
         self.proc: subprocess.Popen[bytes] | None = None

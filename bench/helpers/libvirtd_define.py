@@ -30,11 +30,14 @@ def xml(i: int) -> str:
 
 
 def alive(pidfile: str) -> bool:
+    """The pidfile names a live process (a zombie left by ``-d``'s fork is not one)."""
     try:
-        os.kill(int(Path(pidfile).read_text().strip()), 0)
-        return True
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, 0)
+        status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, ValueError):
         return False
+    return "\nState:\tZ" not in status
 
 
 def main() -> None:

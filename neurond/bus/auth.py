@@ -1,7 +1,9 @@
 """Authorization of callers: one authorizer through which every method with an action passes.
 
-polkit decides (CheckAuthorization, subject ``system-bus-name`` of the caller, details ``vm``
-and ``uuid``), interactively only when the call carried ALLOW_INTERACTIVE_AUTHORIZATION.
+polkit decides (CheckAuthorization, subject ``system-bus-name`` of the caller, details ``vm``,
+``uuid``, and for a VM ``owner``: the uid that created it, with ``owner_user`` its user name for
+rules, which see the subject's name but not its uid), interactively only when the call carried
+ALLOW_INTERACTIVE_AUTHORIZATION.
 uid 0 is always allowed (polkit says so too, and root must keep working when polkit hangs).
 Where polkit is not running, or ``authorization.polkit = false``, only uid 0 may act; on
 ``--session`` polkit is not consulted and only the daemon's own uid is served (API.md).
@@ -18,6 +20,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import pwd
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -44,6 +47,18 @@ _POLKIT_ABSENT = {
 interactive_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "interactive_allowed", default=False
 )
+
+
+def _details(vm: str, uuid: str, owner: int | None) -> dict[str, str]:
+    """polkit's details of one check; ``owner_user`` only when the owner's uid has a name."""
+    details = {k: v for k, v in (("vm", vm), ("uuid", uuid)) if v}
+    if owner is not None:
+        details["owner"] = str(owner)
+        try:
+            details["owner_user"] = pwd.getpwuid(owner).pw_name
+        except KeyError:  # a uid without a passwd entry: rules see no name to match
+            pass
+    return details
 
 
 class InteractiveAuthorizationRequired(Exception):
@@ -110,8 +125,13 @@ class Authorizer:
             self._uids[sender] = int(reply.body[0])
         return self._uids[sender]
 
-    async def authorize(self, sender: str, action: str, vm: str = "", uuid: str = "") -> int:
-        """Return the caller's uid if it may perform ``action``; else raise the typed refusal."""
+    async def authorize(
+        self, sender: str, action: str, vm: str = "", uuid: str = "", owner: int | None = None
+    ) -> int:
+        """Return the caller's uid if it may perform ``action``; else raise the typed refusal.
+
+        ``owner`` (a VM's creator, 0 when neurond did not create it) goes to polkit as details.
+        """
         uid = await self.uid(sender)
         full = ACTION_PREFIX + action
         subject = f" on VM {vm!r}" if vm else ""
@@ -122,18 +142,25 @@ class Authorizer:
         elif uid == 0 or (sender, full, vm) in self._granted:
             return uid
         elif self.use_polkit:
-            if await self._polkit(sender, full, vm, uuid, facts, subject):
+            # A name lookup may go to NSS (LDAP, …): off the loop.
+            details = await asyncio.to_thread(_details, vm, uuid, owner)
+            if await self._polkit(sender, full, details, facts, subject):
                 return uid
         raise PermissionDeniedError(
             f"User {uid} is not allowed to perform {full}{subject}.", details=facts
         )
 
     async def _polkit(
-        self, sender: str, action: str, vm: str, uuid: str, facts: dict[str, object], subject: str
+        self,
+        sender: str,
+        action: str,
+        details: dict[str, str],
+        facts: dict[str, object],
+        subject: str,
     ) -> bool:
         """Ask polkit; True for a yes, False when polkit is absent; raise for its refusals."""
         interactive = interactive_allowed.get()
-        details = {k: v for k, v in (("vm", vm), ("uuid", uuid)) if v}
+        vm = details.get("vm", "")
         call = self.bus.call(
             Message(
                 destination=POLKIT,

@@ -90,7 +90,7 @@ async def delete(svc: BusService, vm: CoreVM, call: Call, options: dict[str, Var
     delete_storage = opts.bool("delete_storage")
     force = opts.bool("force")
     opts.done()
-    uid = await svc.auth.authorize(call.sender, ACTION, vm.name, vm.uuid)
+    uid = await svc._authorize_vm(call, ACTION, vm)
     joining = vm.op is not None and vm.op.method in (Method.DELETE, Method.DELETE_FORCE)
     if not joining:
         svc._check_job_limit(uid)

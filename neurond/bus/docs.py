@@ -15,6 +15,10 @@ DOCS: dict[str, str] = {
     "download job; options: sha256 (required), filename, size.",
     "Manager.ListJobs": "Jobs still known to the daemon (running, or finished and lingering).",
     "Manager.ListErrors": "(D-Bus error name, code, recoverable, number) of every error.",
+    "Manager.ListImages": "The files in the image directory: name s, size t, sha256 s (when a "
+    "download verified it), used_by ao (VMs referring to the file). APIVersion 3.",
+    "Manager.DeleteImage": "Delete a file of the image directory by name; refused (InvalidState) "
+    "while a VM refers to it or a download writes it. APIVersion 3.",
     "Manager.APIVersion": "Grows with every addition to the API.",
     "Manager.Version": "The daemon's version.",
     "Manager.LibvirtURI": "The libvirt connection URI, e.g. qemu:///system.",
@@ -43,10 +47,17 @@ DOCS: dict[str, str] = {
     "VM.GuestInfo": "os, kernel, hostname and agent_version from the guest agent.",
     "VM.GuestExec": "Run a program in the guest; exit code and raw stdout/stderr bytes.",
     "VM.Rename": "Rename a shut-off VM (names as at creation); the path stays. APIVersion 2.",
-    "VM.SetMemory": "Set the memory in MiB (at least 128, at most the host's RAM) in the "
-    "persistent definition; option live b also balloons the running VM. APIVersion 2.",
+    "VM.SetMemory": "Set the memory in MiB (at least 128, or the profile's minimum: Windows 11 "
+    "4096, Windows 10 2048; at most the host's RAM) in the persistent definition; option live b "
+    "also balloons the running VM. APIVersion 2.",
     "VM.SetVCPUs": "Set the vCPUs (1 to the host's CPUs) in the persistent definition; option "
     "live b also hot-plugs on the running VM up to its maximum. APIVersion 2.",
+    "VM.ChangeMedia": "Insert an ISO (a file under an ISO root) into the first CD-ROM: live and "
+    "persistent on a running or paused VM, persistent when shut off. APIVersion 3.",
+    "VM.EjectMedia": "Empty the first CD-ROM: live and persistent on a running or paused VM, "
+    "persistent when shut off. APIVersion 3.",
+    "VM.Media": "The file in the first CD-ROM drive, empty when it is empty or there is none. "
+    "APIVersion 3.",
     "VM.Name": "The VM's name.",
     "VM.UUID": "The VM's UUID.",
     "VM.State": "creating, shutoff, starting, running, paused, stopping, crashed, pmsuspended, "
@@ -60,6 +71,8 @@ DOCS: dict[str, str] = {
     "VM.GPUAddress": "The passed-through GPU's PCI address, empty if none.",
     "VM.LookingGlass": "Whether the VM has a Looking Glass IVSHMEM device.",
     "VM.GuestAgent": "connected, disconnected or none (no agent channel).",
+    "VM.Owner": "The uid that created the VM (CreateVM's caller); 0 when it was defined "
+    "outside neurond. polkit gets it as detail owner. APIVersion 3.",
     "Job": "A long operation with progress; it lingers for a while after it ends.",
     "Job.Cancel": "Cancel the job (another user's job needs cancel-job-other-user).",
     "Job.Completed": "The job ended: success, the error name and message when it did not.",

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import Variant
@@ -34,8 +36,10 @@ from neurond.config import Config
 from neurond.core.create import Creator
 from neurond.core.features import FeatureRegistry
 from neurond.core.guest import MAX_EXEC_STDIN, ExecRequest
+from neurond.core.images import Images, check_name, files_lock
 from neurond.core.jobs import Job, JobManager
 from neurond.core.service import VMService
+from neurond.core.states import MEDIA_LIVE, VMState
 from neurond.core.vm import VM as CoreVM
 from neurond.downloads import DownloadManager
 from neurond.errors import (
@@ -59,6 +63,13 @@ ACTIONS: dict[tuple[str, str], str] = {
     (VM, "Rename"): "vm-manage",
     (VM, "SetMemory"): "vm-manage",
     (VM, "SetVCPUs"): "vm-manage",
+    # On a running or paused VM these are vm-lifecycle instead (issue 12): see media_action.
+    (VM, "ChangeMedia"): "vm-manage",
+    (VM, "EjectMedia"): "vm-manage",
+    # Not reads: image names are not broadcast in signals (API.md's reason for reads), and
+    # issue 12 puts images under vm-manage.
+    (MANAGER, "ListImages"): "vm-manage",
+    (MANAGER, "DeleteImage"): "vm-manage",
     (MANAGER, "DownloadImage"): "vm-manage",
     (MANAGER, "CreateVM"): "vm-manage",
     (VM, "Delete"): "vm-manage",
@@ -81,6 +92,13 @@ READS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 
+
+def media_action(member: str, state: VMState) -> str:
+    """ChangeMedia/EjectMedia's action: vm-lifecycle when it changes a running (or paused) VM,
+    else ACTIONS' vm-manage (issue 12)."""
+    return "vm-lifecycle" if state in MEDIA_LIVE else ACTIONS[(VM, member)]
+
+
 # Seconds of call_s kept free after a GuestExec's run for killing it and replying.
 EXEC_REPLY_MARGIN_S = 2.0
 
@@ -96,6 +114,8 @@ VM_PROPS = {
     "gpu_address": "GPUAddress",
     "looking_glass": "LookingGlass",
     "guest_agent": "GuestAgent",
+    "owner": "Owner",
+    "media": "Media",
 }
 
 
@@ -137,6 +157,18 @@ def gpu_dict(g: GPU) -> dict[str, Variant]:
     }
 
 
+def _readable_iso(iso: str, roots: tuple[Path, ...]) -> str:
+    """The real path of a readable regular file under an ISO root; InvalidArgument if not."""
+    path = validate.file_under_roots(iso, roots, "iso")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NOCTTY))
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"iso {path!r} cannot be read: {e.strerror}.", details={"argument": "iso"}
+        ) from None
+    return path
+
+
 class BusService:
     """Implements the core's VM and job listeners by exporting objects and emitting signals."""
 
@@ -160,7 +192,10 @@ class BusService:
             ROOT,
             [
                 Exported(
-                    OBJECT_MANAGER_IFACE, dict, {"GetManagedObjects": self._get_managed_objects}
+                    OBJECT_MANAGER_IFACE,
+                    dict,
+                    {"GetManagedObjects": self._get_managed_objects},
+                    immediate=frozenset({"GetManagedObjects"}),
                 )
             ],
         )
@@ -176,8 +211,12 @@ class BusService:
                         "ListJobs": self._list_jobs,
                         "ListErrors": self._list_errors,
                         "DownloadImage": self._download_image,
+                        "ListImages": self._list_images,
+                        "DeleteImage": self._delete_image,
                         "CreateVM": functools.partial(bus_create.create_vm, self),
                     },
+                    # Reads of neurond's memory that never wait (Router: no task for them).
+                    immediate=frozenset({"ListVMs", "GetVM", "ListJobs", "ListErrors"}),
                 ),
                 Exported(
                     HARDWARE_IFACE,
@@ -216,7 +255,7 @@ class BusService:
         self.router.properties_changed(MANAGER_PATH, MANAGER, {"Features": self._features()})
 
     async def _get_managed_objects(self, call: Call) -> Any:
-        return self.router.managed_objects()
+        return self.router.managed_objects(call.msg)
 
     async def _list_vms(self, call: Call) -> list[list[str]]:
         return [[v.name, v.uuid, vm_path(v.uuid), v.state.value] for v in self._core().sorted_vms()]
@@ -279,12 +318,19 @@ class BusService:
 
     # ---- VMs ----------------------------------------------------------------------------
 
+    async def _authorize_vm(self, call: Call, action: str, vm: CoreVM) -> int:
+        """The caller's uid if it may perform ``action`` (a polkit action id) on ``vm``.
+
+        Every VM method authorizes through here: polkit gets the VM's name, UUID and owner.
+        """
+        return await self.auth.authorize(call.sender, action, vm.name, vm.uuid, vm.owner)
+
     def _vm_methods(self, vm: CoreVM) -> dict[str, Callable[..., Awaitable[Any]]]:
         core = self._core()
 
         def simple(action: Callable[[CoreVM], Awaitable[None]], name: str) -> Any:
             async def handler(call: Call) -> None:
-                await self.auth.authorize(call.sender, ACTIONS[(VM, name)], vm.name, vm.uuid)
+                await self._authorize_vm(call, ACTIONS[(VM, name)], vm)
                 await action(vm)
 
             return handler
@@ -306,13 +352,15 @@ class BusService:
             "Rename": functools.partial(self._rename, vm),
             "SetMemory": functools.partial(self._set_memory, vm),
             "SetVCPUs": functools.partial(self._set_vcpus, vm),
+            "ChangeMedia": functools.partial(self._change_media, vm),
+            "EjectMedia": functools.partial(self._eject_media, vm),
         }
 
     async def _start(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> None:
         opts = validate.Options(unwrap(options), "Start")
         paused = opts.bool("paused")
         opts.done()
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "Start")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "Start")], vm)
         await self._core().start(vm, paused)
 
     async def _shutdown(self, vm: CoreVM, call: Call, options: dict[str, Variant]) -> str:
@@ -320,19 +368,19 @@ class BusService:
         timeout_s = opts.uint("timeout_s", self.config.timeouts.shutdown_s, minimum=1, maximum=3600)
         force = opts.bool("force")
         opts.done()
-        uid = await self.auth.authorize(call.sender, ACTIONS[(VM, "Shutdown")], vm.name, vm.uuid)
+        uid = await self._authorize_vm(call, ACTIONS[(VM, "Shutdown")], vm)
         self._check_job_limit(uid)
         return job_path(await self._core().shutdown(vm, uid, timeout_s, force))
 
     async def _set_autostart(self, vm: CoreVM, call: Call, enabled: bool) -> None:
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetAutostart")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "SetAutostart")], vm)
         await self._core().set_autostart(vm, enabled)
 
     # ---- changes after creation (issue 12) ------------------------------------------------
 
     async def _rename(self, vm: CoreVM, call: Call, new_name: str) -> None:
         new_name = validate.vm_name(new_name)
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "Rename")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "Rename")], vm)
         await self._core().rename(vm, new_name)
 
     async def _set_memory(
@@ -341,7 +389,7 @@ class BusService:
         opts = validate.Options(unwrap(options), "SetMemory")
         live = opts.bool("live")
         opts.done()
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetMemory")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "SetMemory")], vm)
         await self._core().set_memory(vm, mib, live)
 
     async def _set_vcpus(
@@ -350,13 +398,64 @@ class BusService:
         opts = validate.Options(unwrap(options), "SetVCPUs")
         live = opts.bool("live")
         opts.done()
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "SetVCPUs")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "SetVCPUs")], vm)
         await self._core().set_vcpus(vm, count, live)
+
+    async def _change_media(self, vm: CoreVM, call: Call, iso: str) -> None:
+        await self._authorize_media(vm, call, "ChangeMedia")
+        # The path is looked at only for an authorized caller: its answers (exists, is a
+        # file, where a symlink leads) must not tell anyone else about the file system.
+        roots = self.config.storage.iso_roots
+        async with files_lock:  # DeleteImage waits: the checked file stays until it is in use
+            path = await asyncio.to_thread(_readable_iso, iso, roots)
+            await self._core().change_media(vm, path)
+
+    async def _eject_media(self, vm: CoreVM, call: Call) -> None:
+        await self._authorize_media(vm, call, "EjectMedia")
+        await self._core().change_media(vm, None)
+
+    async def _authorize_media(self, vm: CoreVM, call: Call, member: str) -> None:
+        action = media_action(member, vm.state)
+        await self._authorize_vm(call, action, vm)
+        if media_action(member, vm.state) != action:  # it started or stopped meanwhile
+            raise InvalidStateError(
+                f"VM {vm.name!r} became {vm.state} during the authorization of {member}; "
+                "try again.",
+                details={"vm": vm.name, "state": vm.state},
+            )
+
+    # ---- images (issue 12) -----------------------------------------------------------------
+
+    def _images(self) -> Images:
+        core = self._core()
+        return Images(core.backend, core.vms)
+
+    async def _list_images(self, call: Call) -> list[dict[str, Variant]]:
+        await self.auth.authorize(call.sender, ACTIONS[(MANAGER, "ListImages")])
+        storage = self.config.storage
+        out = []
+        for image in await self._images().list_images(storage.image_dir, storage.state_dir):
+            row = {
+                "name": Variant("s", image.name),
+                "size": Variant("t", image.size),
+                "used_by": Variant("ao", [vm_path(u) for u in image.used_by]),
+            }
+            if image.sha256:
+                row["sha256"] = Variant("s", image.sha256)
+            out.append(row)
+        return out
+
+    async def _delete_image(self, call: Call, name: str) -> None:
+        name = check_name(name)
+        await self.auth.authorize(call.sender, ACTIONS[(MANAGER, "DeleteImage")])
+        downloading = self.downloads.downloading(name) if self.downloads is not None else None
+        storage = self.config.storage
+        await self._images().delete_image(storage.image_dir, storage.state_dir, name, downloading)
 
     # ---- guest agent and display (replies within call_s: GuestExec's run is bounded) ----
 
     async def _get_display(self, vm: CoreVM, call: Call) -> dict[str, Variant]:
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "GetDisplay")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "GetDisplay")], vm)
         d = await self._core().display(vm)
         out = {"kind": Variant("s", d.kind)}
         if d.shm_path:
@@ -368,11 +467,11 @@ class BusService:
         return out
 
     async def _guest_ping(self, vm: CoreVM, call: Call) -> None:
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestPing")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "GuestPing")], vm)
         await self._core().guest_ping(vm, self.config.timeouts.guest_agent_s)
 
     async def _guest_info(self, vm: CoreVM, call: Call) -> dict[str, Variant]:
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestInfo")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "GuestInfo")], vm)
         info = await self._core().guest_info(vm, self.config.timeouts.guest_agent_s)
         return {
             "os": Variant("s", info.os),
@@ -392,7 +491,7 @@ class BusService:
         )
         stdin = opts.blob("stdin", max_length=MAX_EXEC_STDIN)
         opts.done()
-        await self.auth.authorize(call.sender, ACTIONS[(VM, "GuestExec")], vm.name, vm.uuid)
+        await self._authorize_vm(call, ACTIONS[(VM, "GuestExec")], vm)
         # The reply must come within call_s: leave room for the kill after a timeout.
         run_s = max(1.0, min(float(timeout_s), t.call_s - EXEC_REPLY_MARGIN_S))
         request = ExecRequest(path, argv, stdin, run_s)
@@ -417,6 +516,7 @@ class BusService:
                     VM_IFACE,
                     lambda: {VM_PROPS[k]: v for k, v in props().items()},
                     self._vm_methods(vm),
+                    signalled=True,  # the core reports every change: vm_changed below
                 )
             ],
         )

@@ -23,7 +23,7 @@ VM = f"{PREFIX}.VM"
 JOB = f"{PREFIX}.Job"
 HARDWARE = f"{PREFIX}.Hardware"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-API_VERSION = 2  # 2: Rename, SetMemory, SetVCPUs (issue 12; ADDITIONS)
+API_VERSION = 3  # 2: Rename, SetMemory, SetVCPUs; 3: Owner, media, images (issue 12; ADDITIONS)
 
 _CONST = {"org.freedesktop.DBus.Property.EmitsChangedSignal": "const"}
 _QT = "org.qtproject.QtDBus.QtTypeName.Out0"
@@ -58,6 +58,8 @@ MANAGER_IFACE = Interface(
         _method("DownloadImage", "s url, a{sv} options", "o job"),
         _method("ListJobs", outs="ao jobs"),
         _method("ListErrors", outs="a(ssbu) errors", qt="QList<NeuronErrorEntry>"),
+        _method("ListImages", outs="aa{sv} images", qt="QList<QVariantMap>"),
+        _method("DeleteImage", "s name"),
     ],
     properties=[
         _prop("APIVersion", "u"),
@@ -96,6 +98,8 @@ VM_IFACE = Interface(
         _method("Rename", "s new_name"),
         _method("SetMemory", "t mib, a{sv} options"),
         _method("SetVCPUs", "u count, a{sv} options"),
+        _method("ChangeMedia", "s iso"),
+        _method("EjectMedia"),
     ],
     properties=[
         _prop("Name", "s"),
@@ -109,6 +113,8 @@ VM_IFACE = Interface(
         _prop("GPUAddress", "s"),
         _prop("LookingGlass", "b"),
         _prop("GuestAgent", "s"),
+        _prop("Owner", "u"),
+        _prop("Media", "s"),
     ],
 )
 
@@ -169,6 +175,9 @@ NOT_YET_IMPLEMENTED: tuple[str, ...] = ()
 
 # Members beyond API.md, added under its Compatibility rule (each raises APIVersion): issue 12.
 ADDITIONS: dict[str, int] = {"VM.Rename": 2, "VM.SetMemory": 2, "VM.SetVCPUs": 2}
+ADDITIONS["VM.Owner"] = 3
+ADDITIONS.update({"VM.ChangeMedia": 3, "VM.EjectMedia": 3, "VM.Media": 3})
+ADDITIONS.update({"Manager.ListImages": 3, "Manager.DeleteImage": 3})
 
 
 def document() -> str:

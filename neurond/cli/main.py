@@ -200,6 +200,34 @@ async def cmd_download(c: Client, args: argparse.Namespace) -> None:
     await _run_job(c, args, job)
 
 
+async def cmd_images(c: Client, args: argparse.Namespace) -> None:
+    (images,) = await c.call(MANAGER_PATH, MANAGER, "ListImages")
+    data = plain(images)
+    names = {p: n for n, _, p, _ in (await c.call(MANAGER_PATH, MANAGER, "ListVMs"))[0]}
+    for image in data:
+        image["used_by_names"] = [names.get(p, p) for p in image["used_by"]]
+    rows = [
+        [i["name"], i["size"], i.get("sha256", "-"), ",".join(i["used_by_names"]) or "-"]
+        for i in data
+    ]
+    out(args, data, table(rows, ["NAME", "SIZE", "SHA256", "USED BY"]))
+
+
+async def cmd_delete_image(c: Client, args: argparse.Namespace) -> None:
+    await c.call(MANAGER_PATH, MANAGER, "DeleteImage", "s", [args.name])
+    out(args, {"image": args.name, "deleted": True}, f"{args.name}: deleted")
+
+
+async def cmd_media(c: Client, args: argparse.Namespace) -> None:
+    path = await c.vm_path(args.vm)
+    if args.command == "eject":
+        await c.call(path, VM, "EjectMedia")
+        out(args, {"vm": args.vm, "media": ""}, f"{args.vm}: CD-ROM ejected")
+    else:
+        await c.call(path, VM, "ChangeMedia", "s", [args.iso])
+        out(args, {"vm": args.vm, "media": args.iso}, f"{args.vm}: {args.iso} inserted")
+
+
 async def cmd_jobs(c: Client, args: argparse.Namespace) -> None:
     (paths,) = await c.call(MANAGER_PATH, MANAGER, "ListJobs")
     jobs = [{"path": p, **await c.props(p, JOB)} for p in paths]
@@ -280,7 +308,8 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Coroutine[Any, Any, N
     "pause": cmd_vm_method, "resume": cmd_vm_method, "reboot": cmd_vm_method,
     "reset": cmd_vm_method, "shutdown": cmd_shutdown, "stop": cmd_shutdown, "jobs": cmd_jobs,
     "errors": cmd_errors, "hw": cmd_hw, "watch": cmd_watch, "create": cmd_create,
-    "delete": cmd_delete, "download": cmd_download,
+    "delete": cmd_delete, "download": cmd_download, "images": cmd_images,
+    "delete-image": cmd_delete_image, "media": cmd_media, "eject": cmd_media,
 }  # fmt: skip
 
 
@@ -321,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
     download.add_argument("url")
     download.add_argument("--sha256", required=True)
     download.add_argument("--filename")
+    sub.add_parser("images", help="the files in the image directory, with the VMs using them")
+    sub.add_parser("delete-image", help="delete an image no VM uses").add_argument("name")
+    media = sub.add_parser("media", help="insert an ISO into a VM's CD-ROM")
+    media.add_argument("vm")
+    media.add_argument("iso", help="absolute path under an ISO root")
+    sub.add_parser("eject", help="empty a VM's CD-ROM").add_argument("vm")
     for name in ("jobs", "errors", "hw", "watch"):
         sub.add_parser(name)
     return p

@@ -24,6 +24,9 @@ class DomainInfo:
     gpu_address: str = ""
     looking_glass: bool = False
     guest_agent: str = "none"  # connected | disconnected | none
+    owner: int = 0  # the uid that created it through neurond; 0 when defined elsewhere
+    profile: str = ""  # the NeuronOS profile it was created with; "" when defined elsewhere
+    media: str = ""  # the file in the first CD-ROM drive, "" when empty or without one
 
 
 class EventSink(Protocol):
@@ -50,32 +53,41 @@ class Backend(Protocol):
     async def get_domain(self, uuid: str) -> DomainInfo | None:
         """The domain now, or None when it no longer exists."""
 
-    async def start(self, uuid: str, paused: bool) -> None: ...
+    # The transitions' actions return the domain as read right after the action, in the same
+    # worker job (None when that read failed or the domain is gone): VMService._end.
+    async def start(self, uuid: str, paused: bool) -> DomainInfo | None: ...
 
     async def shutdown(self, uuid: str) -> None: ...
 
-    async def destroy(self, uuid: str) -> None: ...
+    async def destroy(self, uuid: str) -> DomainInfo | None: ...
 
-    async def suspend(self, uuid: str) -> None: ...
+    async def suspend(self, uuid: str) -> DomainInfo | None: ...
 
-    async def resume(self, uuid: str) -> None: ...
+    async def resume(self, uuid: str) -> DomainInfo | None: ...
 
-    async def reboot(self, uuid: str) -> None: ...
+    async def reboot(self, uuid: str) -> DomainInfo | None: ...
 
-    async def reset(self, uuid: str) -> None: ...
+    async def reset(self, uuid: str) -> DomainInfo | None: ...
 
     async def set_autostart(self, uuid: str, enabled: bool) -> None: ...
 
-    async def rename(self, uuid: str, new_name: str) -> None: ...
+    async def rename(self, uuid: str, new_name: str) -> DomainInfo | None: ...
 
     async def host_limits(self) -> tuple[int, int]:
         """(host memory in MiB, host CPUs)."""
 
-    async def set_memory(self, uuid: str, mib: int, live: bool) -> None:
+    async def set_memory(self, uuid: str, mib: int, live: bool) -> DomainInfo | None:
         """Always the persistent definition; also the running VM when ``live``."""
 
-    async def set_vcpus(self, uuid: str, count: int, live: bool) -> None:
+    async def set_vcpus(self, uuid: str, count: int, live: bool) -> DomainInfo | None:
         """Always the persistent definition; also the running VM when ``live``."""
+
+    async def change_media(self, uuid: str, path: str | None) -> DomainInfo | None:
+        """Insert ``path`` into the first CD-ROM (None: eject): on an active VM live and
+        persistent, on an inactive one persistent; NotSupportedError without a CD-ROM."""
+
+    async def domain_files(self) -> dict[str, frozenset[str]]:
+        """Per domain UUID, the host files its live and persistent definitions refer to."""
 
     async def guest_ping(self, uuid: str, timeout_s: float) -> None:
         """Each guest agent command waits at most ``timeout_s``."""

@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from neurond import log, messages
 from neurond.core.backend import Backend, DomainInfo
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo, agent_unavailable
 from neurond.core.jobs import Job, JobManager
-from neurond.core.states import ALLOWED, Method, VMState
+from neurond.core.states import ALLOWED, MEDIA_LIVE, Method, VMState
 from neurond.core.vm import VM, Operation
+from neurond.domain.spec import PROFILES
 from neurond.errors import (
     InvalidArgumentError,
     InvalidStateError,
@@ -32,7 +33,6 @@ from neurond.validate import is_uuid
 
 _log = logging.getLogger("neurond.core")
 MIN_MEMORY_MIB = 128  # SetMemory's floor (issue 12)
-T = TypeVar("T")
 
 
 class VMListener(Protocol):
@@ -67,6 +67,10 @@ class VMService:
         self.vms: dict[str, VM] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
+        self._reads = 0  # refresh reads started (of any VM): _end's check for a fresher read
+        self._reading: set[str] = set()  # VMs whose refresh read is in flight
+        # VMs whose transition's action (and its read) runs: their refreshes read after it.
+        self._acting: dict[str, asyncio.Future[None]] = {}
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -118,12 +122,22 @@ class VMService:
     async def _refresh_loop(self, uuid: str) -> None:
         try:
             while uuid in self._dirty:
+                acting = self._acting.get(uuid)
+                if acting is not None:
+                    # The action's own event, typically: read after the action's read, not
+                    # beside it (that read would make _end read once more).
+                    await asyncio.wait({acting})
+                    continue
                 self._dirty.discard(uuid)
+                self._reads += 1
+                self._reading.add(uuid)
                 try:
                     info = await self.backend.get_domain(uuid)
                 except NeuronError as e:
                     log.log_error(_log, e, f"Could not read domain {uuid}: {e.message}")
                     return
+                finally:
+                    self._reading.discard(uuid)
                 self._apply(uuid, info)
         finally:
             del self._refreshing[uuid]
@@ -198,30 +212,48 @@ class VMService:
                 details={"vm": vm.name, "state": vm.state, "operation": method},
             )
 
-    async def _transition(self, vm: VM, method: Method, action: Callable[[], Awaitable[T]]) -> T:
-        """Run ``action`` as the VM's one transition; an identical call in flight is joined."""
+    async def _transition(
+        self, vm: VM, method: Method, action: Callable[[], Awaitable[DomainInfo | None]]
+    ) -> None:
+        """Run ``action`` as the VM's one transition; an identical call in flight is joined.
+
+        ``action`` may return the domain as read right after it, in the same executor job:
+        the slot is then freed without a second trip to libvirt (see _end).
+        """
         self._check(vm, method)
         if vm.op is not None:
-            joined: T = await asyncio.shield(vm.op.result)
-            return joined
+            await asyncio.shield(vm.op.result)
+            return
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._set_op(vm, Operation(method, result))
+        reads, fresh = self._reads, None
+        acting = self._acting[vm.uuid] = asyncio.get_running_loop().create_future()
         try:
-            value = await action()
+            fresh = await action()
         except BaseException as e:
             result.set_exception(e)
             result.exception()  # retrieved here: joiners re-raise it, nobody else must
             raise
         else:
-            result.set_result(value)
-            return value
+            result.set_result(None)
         finally:
-            await self._end(vm)
+            del self._acting[vm.uuid]
+            acting.set_result(None)
+            await self._end(vm, fresh, reads)
 
-    async def _end(self, vm: VM) -> None:
-        """Free the VM's slot after reading libvirt's state, so the state moves only once."""
+    async def _end(self, vm: VM, fresh: DomainInfo | None = None, reads: int = -1) -> None:
+        """Free the VM's slot after reading libvirt's state, so the state moves only once.
+
+        ``fresh`` (read after the action, in its executor job) is applied as it is when no
+        refresh read began since ``reads`` and none of this VM is in flight: nothing applied
+        before is newer, and every later read (the action's own event's, say) starts after
+        it. Otherwise the VM is read again, after the refreshes in flight.
+        """
         try:
-            await self.refresh(vm.uuid)
+            if fresh is not None and reads == self._reads and vm.uuid not in self._reading:
+                self._apply(vm.uuid, fresh)
+            else:
+                await self.refresh(vm.uuid)
         finally:
             self._set_op(vm, None)
 
@@ -271,11 +303,15 @@ class VMService:
     async def set_memory(self, vm: VM, mib: int, live: bool) -> None:
         self._check_alone(vm, Method.SET_RESOURCES)
         host_mib, _ = await self.backend.host_limits()
-        if not MIN_MEMORY_MIB <= mib <= host_mib:
+        minimum, why = MIN_MEMORY_MIB, ""
+        profile = PROFILES.get(vm.info.profile)  # neurond's metadata; none if made elsewhere
+        if profile is not None and profile.min_memory_mib > minimum:
+            minimum, why = profile.min_memory_mib, f" (the {profile.name} profile's minimum)"
+        if not minimum <= mib <= host_mib:
             raise InvalidArgumentError(
-                f"Memory of {mib} MiB is out of bounds: at least {MIN_MEMORY_MIB} MiB and at "
+                f"Memory of {mib} MiB is out of bounds: at least {minimum} MiB{why} and at "
                 f"most the host's {host_mib} MiB.",
-                details={"argument": "mib", "minimum": MIN_MEMORY_MIB, "maximum": host_mib},
+                details={"argument": "mib", "minimum": minimum, "maximum": host_mib},
             )
         live = live and vm.state in (VMState.RUNNING, VMState.PAUSED)
         await self._transition(
@@ -294,6 +330,26 @@ class VMService:
         live = live and vm.state in (VMState.RUNNING, VMState.PAUSED)
         await self._transition(
             vm, Method.SET_RESOURCES, lambda: self.backend.set_vcpus(vm.uuid, count, live)
+        )
+
+    async def change_media(self, vm: VM, path: str | None) -> None:
+        """Insert ``path`` (a checked ISO) into the VM's CD-ROM, or eject it (None): live and
+        persistent on a running or paused VM, persistent on a shut-off one."""
+        self._check_alone(vm, Method.MEDIA)
+        live = vm.state in MEDIA_LIVE
+        await self._transition(vm, Method.MEDIA, lambda: self.backend.change_media(vm.uuid, path))
+        _log.info(
+            "VM %s: %s (%s)",
+            vm.name,
+            f"inserted {path} in the CD-ROM" if path is not None else "ejected the CD-ROM",
+            "live and persistent" if live else "persistent",
+            extra={
+                "fields": {
+                    "NEUROND_VM": vm.name,
+                    "NEUROND_MEDIA": path or "",
+                    "NEUROND_LIVE": str(live).lower(),
+                }
+            },
         )
 
     # ---- guest agent and display (no transition: they leave the state alone) ------------

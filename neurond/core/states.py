@@ -41,6 +41,7 @@ class Method(StrEnum):
     CREATE = "create"  # not a call: the slot a CreateVM job holds until it ends
     RENAME = "rename"
     SET_RESOURCES = "set-resources"  # SetMemory, SetVCPUs
+    MEDIA = "change-media"  # ChangeMedia, EjectMedia
 
 
 # API.md "What each method does in each state": anything not listed fails with InvalidState.
@@ -62,7 +63,13 @@ ALLOWED: dict[Method, frozenset[VMState]] = {
     Method.CREATE: frozenset(),  # only CreateVM itself takes this slot, on a new VM
     Method.RENAME: frozenset({S.SHUTOFF}),  # libvirt renames inactive domains only
     Method.SET_RESOURCES: _NOT_BUSY,
+    # QEMU swaps media of a running or paused VM; shut off, the definition changes. Not while
+    # starting/stopping (the devices are in flux) nor crashed/pmsuspended (ForceOff first).
+    Method.MEDIA: frozenset({S.SHUTOFF, S.RUNNING, S.PAUSED}),
 }
+
+# States in which ChangeMedia/EjectMedia change the running VM too (vm-lifecycle, not vm-manage).
+MEDIA_LIVE: frozenset[VMState] = frozenset({S.RUNNING, S.PAUSED})
 
 # The state a method shows while it runs, with the reason it gives (API.md: the method's name).
 TRANSIENT: dict[Method, tuple[VMState, str]] = {

@@ -44,6 +44,10 @@ class VM:
     def name(self) -> str:
         return self.info.name
 
+    @property
+    def owner(self) -> int:
+        return self.info.owner
+
     def properties(self) -> dict[str, Any]:
         """Every property by its core name (the bus layer names and types them)."""
         i = self.info
@@ -59,6 +63,8 @@ class VM:
             "gpu_address": i.gpu_address,
             "looking_glass": i.looking_glass,
             "guest_agent": i.guest_agent,
+            "owner": i.owner,
+            "media": i.media,
         }
 
     def _visible(self) -> tuple[VMState, str]:

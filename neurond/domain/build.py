@@ -11,11 +11,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from neurond.domain.parse import AGENT_CHANNEL
+from neurond.domain.parse import AGENT_CHANNEL, METADATA_NS
 from neurond.domain.spec import Settings, looking_glass_mib
 
 SPICE_CHANNEL = "com.redhat.spice.0"
-METADATA_NS = "https://neuronos.org/xmlns/neurond/1"
 HYPERV = ("relaxed", "vapic", "vpindex", "runtime", "synic", "stimer", "reset", "frequencies")
 
 
@@ -188,12 +187,13 @@ def _devices(dom: ET.Element, s: Settings, host: HostFacts, files: VMFiles) -> N
     _sub(rng, "backend", "/dev/urandom", model="random")
 
 
-def build(s: Settings, host: HostFacts, files: VMFiles) -> ET.Element:
+def build(s: Settings, host: HostFacts, files: VMFiles, owner: int = 0) -> ET.Element:
+    """The domain; ``owner`` is the creating uid, kept in neurond's metadata (``Owner``)."""
     dom = ET.Element("domain", type=host.domain_type)
     _sub(dom, "name", s.name)
     _sub(dom, "uuid", files.uuid)
     metadata = _sub(dom, "metadata")
-    ET.SubElement(metadata, f"{{{METADATA_NS}}}vm", profile=s.profile.name)
+    ET.SubElement(metadata, f"{{{METADATA_NS}}}vm", profile=s.profile.name, owner=str(owner))
     _sub(dom, "memory", str(s.memory_mib), unit="MiB")
     _sub(dom, "currentMemory", str(s.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(s.vcpus), placement="static")
@@ -211,8 +211,8 @@ def build(s: Settings, host: HostFacts, files: VMFiles) -> ET.Element:
     return dom
 
 
-def to_xml(s: Settings, host: HostFacts, files: VMFiles) -> str:
+def to_xml(s: Settings, host: HostFacts, files: VMFiles, owner: int = 0) -> str:
     ET.register_namespace("neurond", METADATA_NS)
-    root = build(s, host, files)
+    root = build(s, host, files, owner)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"

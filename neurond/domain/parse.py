@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from neurond.domain import media
 from neurond.errors import OperationFailedError
 
 _UNITS = {
@@ -24,6 +25,8 @@ _UNITS = {
     "tib": 2**40,
 }
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+METADATA_NS = "https://neuronos.org/xmlns/neurond/1"
+MAX_UID = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,9 @@ class DomainSummary:
     gpu_address: str
     looking_glass: bool
     guest_agent: str  # connected | disconnected | none
+    owner: int = 0  # neurond's metadata: the creator's uid; 0 without (defined elsewhere)
+    profile: str = ""  # neurond's metadata: the profile it was created with
+    media: str = ""  # the file in the first CD-ROM drive (ChangeMedia), "" if none
 
 
 def _memory_mib(el: ET.Element | None) -> int:
@@ -49,6 +55,12 @@ def _pci_address(addr: ET.Element) -> str:
         return int(addr.get(key, "0"), 0)
 
     return f"{part('domain'):04x}:{part('bus'):02x}:{part('slot'):02x}.{part('function'):x}"
+
+
+def _owner(meta: ET.Element | None) -> int:
+    """The owner attribute; anything but a uid (absent, edited by hand) counts as no owner."""
+    text = meta.get("owner", "") if meta is not None else ""
+    return int(text) if text.isdecimal() and int(text) <= MAX_UID else 0
 
 
 def summarize(xml: str) -> DomainSummary:
@@ -69,6 +81,7 @@ def summarize(xml: str) -> DomainSummary:
             (shmem.get("name") or "").startswith("looking-glass")
             for shmem in root.iterfind("./devices/shmem")
         )
+        meta = root.find(f"./metadata/{{{METADATA_NS}}}vm")
         return DomainSummary(
             name=root.findtext("name", ""),
             uuid=root.findtext("uuid", "").lower(),
@@ -77,6 +90,9 @@ def summarize(xml: str) -> DomainSummary:
             gpu_address=gpu,
             looking_glass=looking_glass,
             guest_agent=agent,
+            owner=_owner(meta),
+            profile=meta.get("profile", "") if meta is not None else "",
+            media=media.current(root),
         )
     except (ET.ParseError, ValueError) as e:
         raise OperationFailedError(f"libvirt returned domain XML neurond cannot read: {e}.") from e

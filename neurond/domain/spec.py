@@ -141,13 +141,15 @@ class Profile:
     tpm: bool
     windows: bool
     required: tuple[str, ...] = ()  # spec keys that may not be turned off
+    min_memory_mib: int = 128  # the OS's own minimum: CreateVM and SetMemory refuse less
 
 
 PROFILES: dict[str, Profile] = {
+    # Microsoft's minimums: Windows 11 4 GB of RAM, 64-bit Windows 10 2 GB.
     "windows11": Profile(
-        "windows11", 4, 8192, 64, True, True, True, True, ("uefi", "secure_boot", "tpm")
+        "windows11", 4, 8192, 64, True, True, True, True, ("uefi", "secure_boot", "tpm"), 4096
     ),
-    "windows10": Profile("windows10", 4, 4096, 64, True, False, False, True),
+    "windows10": Profile("windows10", 4, 4096, 64, True, False, False, True, (), 2048),
     "linux": Profile("linux", 2, 2048, 20, False, False, False, False),
     "generic": Profile("generic", 1, 1024, 10, False, False, False, False),
 }
@@ -192,6 +194,8 @@ def resolve(spec: VMSpec) -> Settings:
         raise _bad("secure_boot", "secure boot needs UEFI (uefi true)")
     if (spec.initrd or spec.cmdline) and not spec.kernel:
         raise _bad("initrd" if spec.initrd else "cmdline", "needs a kernel")
+    if spec.memory_mib is not None and spec.memory_mib < p.min_memory_mib:
+        raise _bad("memory_mib", f"the {p.name} profile needs at least {p.min_memory_mib} MiB")
     return Settings(
         name=spec.name,
         profile=p,

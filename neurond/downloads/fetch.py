@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from neurond import __version__
+from neurond.core.images import ChecksumIndex
 from neurond.downloads.request import DownloadRequest, check_url, display_url
 from neurond.errors import (
     ChecksumMismatchError,
@@ -92,6 +93,7 @@ class Settings:
     connect_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
     max_retries: int = 5
+    state_dir: Path | None = None  # where the verified sha256 is recorded (ListImages)
 
 
 class _Retry(Exception):
@@ -230,6 +232,7 @@ class Download:
             await self._flush()
         finally:
             await self._cleanup()
+        await self._record()
         size = self.received
         await self.progress.finish(size)
         _log.info(
@@ -262,8 +265,24 @@ class Download:
                 details=self._details(actual_sha256=digest),
             )
         self.received = size
+        await self._record()
         await self.progress.finish(size)
         return True
+
+    async def _record(self) -> None:
+        """Remember the verified sha256 for ListImages (never fails the download)."""
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            return
+
+        def record() -> None:
+            try:
+                st = os.stat(self.final)
+            except OSError:
+                return
+            ChecksumIndex(state_dir).record(self.request.filename, self.request.sha256, st)
+
+        await asyncio.to_thread(record)
 
     def _open_temp(self) -> None:
         directory = self.settings.image_dir

@@ -111,6 +111,11 @@ class DownloadManager:
             )
         return request
 
+    def downloading(self, filename: str) -> int | None:
+        """The number of the job downloading to ``filename`` now, if any (DeleteImage)."""
+        job = self._active.get(filename)
+        return job.number if job is not None and not job.finished else None
+
     def start(self, request: DownloadRequest, uid: int, config: Config) -> Job:
         """Start (or queue) the download job; its ``Objects`` is empty."""
         # aiohttp is imported on the first download, not at start-up: it is a fifth of the
@@ -126,6 +131,7 @@ class DownloadManager:
             connect_timeout_s=d.connect_timeout_s,
             idle_timeout_s=d.idle_timeout_s,
             max_retries=d.max_retries,
+            state_dir=config.storage.state_dir,
         )
 
         async def work(job: Job) -> None:

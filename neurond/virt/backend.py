@@ -32,7 +32,7 @@ from neurond.errors import (
     VMStartFailedError,
     VMStopFailedError,
 )
-from neurond.virt import display
+from neurond.virt import display, media
 from neurond.virt.errors import translate
 from neurond.virt.guest import GuestAgent
 
@@ -270,6 +270,9 @@ class LibvirtBackend:
             gpu_address=summary.gpu_address,
             looking_glass=summary.looking_glass,
             guest_agent=summary.guest_agent,
+            owner=summary.owner,
+            profile=summary.profile,
+            media=summary.media,
         )
 
     async def list_domains(self) -> list[DomainInfo]:
@@ -314,9 +317,30 @@ class LibvirtBackend:
                 f"Could not {doing}: the VM {uuid} no longer exists.", details={"uuid": uuid}
             ) from None
 
-    async def start(self, uuid: str, paused: bool) -> None:
+    async def _act(
+        self,
+        point: str,
+        fallback: type[NeuronError],
+        doing: str,
+        uuid: str,
+        fn: Callable[[libvirt.virDomain], object],
+    ) -> DomainInfo | None:
+        """``fn`` on the domain, then the domain read in the same executor job (a transition
+        applies it without a second trip to the worker thread); None when that read fails
+        or the domain is gone: the core then reads it again."""
+        fresh: list[DomainInfo] = []
+
+        def act(d: libvirt.virDomain) -> None:
+            fn(d)
+            with contextlib.suppress(libvirt.libvirtError):
+                fresh.append(self._info(d))
+
+        await self._on_domain(point, fallback, doing, uuid, act)
+        return fresh[0] if fresh else None
+
+    async def start(self, uuid: str, paused: bool) -> DomainInfo | None:
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-        await self._on_domain(
+        return await self._act(
             "virt.start", VMStartFailedError, "start", uuid, lambda d: d.createWithFlags(flags)
         )
 
@@ -333,28 +357,28 @@ class LibvirtBackend:
             ),
         )
 
-    async def destroy(self, uuid: str) -> None:
-        await self._on_domain(
+    async def destroy(self, uuid: str) -> DomainInfo | None:
+        return await self._act(
             "virt.destroy", VMStopFailedError, "force off", uuid, lambda d: d.destroy()
         )
 
-    async def suspend(self, uuid: str) -> None:
-        await self._on_domain(
+    async def suspend(self, uuid: str) -> DomainInfo | None:
+        return await self._act(
             "virt.suspend", OperationFailedError, "pause", uuid, lambda d: d.suspend()
         )
 
-    async def resume(self, uuid: str) -> None:
-        await self._on_domain(
+    async def resume(self, uuid: str) -> DomainInfo | None:
+        return await self._act(
             "virt.resume", OperationFailedError, "resume", uuid, lambda d: d.resume()
         )
 
-    async def reboot(self, uuid: str) -> None:
-        await self._on_domain(
+    async def reboot(self, uuid: str) -> DomainInfo | None:
+        return await self._act(
             "virt.reboot", OperationFailedError, "reboot", uuid, lambda d: d.reboot(0)
         )
 
-    async def reset(self, uuid: str) -> None:
-        await self._on_domain(
+    async def reset(self, uuid: str) -> DomainInfo | None:
+        return await self._act(
             "virt.reset", OperationFailedError, "reset", uuid, lambda d: d.reset(0)
         )
 
@@ -369,8 +393,8 @@ class LibvirtBackend:
 
     # ---- changes after creation (issue 12) ------------------------------------------------
 
-    async def rename(self, uuid: str, new_name: str) -> None:
-        await self._on_domain(
+    async def rename(self, uuid: str, new_name: str) -> DomainInfo | None:
+        return await self._act(
             "virt.rename", OperationFailedError, "rename", uuid, lambda d: d.rename(new_name, 0)
         )
 
@@ -381,7 +405,7 @@ class LibvirtBackend:
         )  # fmt: skip
         return int(info[1]), int(info[2])
 
-    async def set_memory(self, uuid: str, mib: int, live: bool) -> None:
+    async def set_memory(self, uuid: str, mib: int, live: bool) -> DomainInfo | None:
         kib = mib * 1024
         config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         maximum = libvirt.VIR_DOMAIN_MEM_MAXIMUM
@@ -394,11 +418,11 @@ class LibvirtBackend:
             d.setMemoryFlags(kib, config | maximum)
             d.setMemoryFlags(kib, config)
 
-        await self._on_domain(
+        return await self._act(
             "virt.set_memory", OperationFailedError, "set the memory of", uuid, set_
         )
 
-    async def set_vcpus(self, uuid: str, count: int, live: bool) -> None:
+    async def set_vcpus(self, uuid: str, count: int, live: bool) -> DomainInfo | None:
         config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
 
         def set_(d: libvirt.virDomain) -> None:
@@ -414,9 +438,22 @@ class LibvirtBackend:
                 d.setVcpusFlags(count, config)
                 d.setVcpusFlags(count, maximum)
 
-        await self._on_domain(
+        return await self._act(
             "virt.set_vcpus", OperationFailedError, "set the vCPUs of", uuid, set_
         )
+
+    async def change_media(self, uuid: str, path: str | None) -> DomainInfo | None:
+        doing = "change the CD-ROM media of" if path is not None else "eject the CD-ROM of"
+        return await self._act(
+            "virt.change_media", OperationFailedError, doing, uuid,
+            lambda d: media.change(d, path),
+        )  # fmt: skip
+
+    async def domain_files(self) -> dict[str, frozenset[str]]:
+        return await self._call(
+            "virt.domain_files", OperationFailedError, "list the files of the domains", "",
+            media.domain_files,
+        )  # fmt: skip
 
     # ---- guest agent, display, capabilities ---------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 
 from neurond.config import Config
-from neurond.core.create import Creator, Plan, RecordStore
+from neurond.core.create import Creator, DeletePlan, Plan, RecordStore
 from neurond.core.service import VMService
 from neurond.domain.build import Firmware, HostFacts
 from neurond.domain.spec import Settings
@@ -292,13 +292,25 @@ class LibvirtProvisioner:
     async def undefine(self, uuid: str) -> None:
         def undefine(conn: libvirt.virConnect) -> None:
             try:
-                dom = conn.lookupByUUIDString(uuid)
+                remove(conn.lookupByUUIDString(uuid))
             except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return
-                raise
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()  # a rolled-back create was never started; be sure
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone counts as removed
+                    raise
+
+        def remove(dom: libvirt.virDomain) -> None:
+            # A rolled-back create was never started, a delete has stopped its VM: be sure
+            # (a delete finished at start may find it running). Never undefine a running
+            # domain: libvirt would keep it running as a transient one.
+            for attempt in range(3):
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError:
+                    if not dom.isActive():
+                        break
+                    if attempt == 2:
+                        raise
+                else:
+                    break
             self._undefine(dom)
 
         await self.backend._call("virt.undefine", OperationFailedError, "undefine", uuid, undefine)
@@ -321,49 +333,88 @@ class LibvirtProvisioner:
             lambda c: c.lookupByUUIDString(uuid).setAutostart(1 if enabled else 0),
         )
 
-    async def delete_domain(self, uuid: str, delete_storage: bool) -> None:
-        image_dir = os.path.realpath(self.config.image_dir)
+    @staticmethod
+    def _disks_of_others(conn: libvirt.virConnect, owner: str) -> set[str]:
+        """The disk paths of every domain but ``owner``."""
+        used: set[str] = set()
+        for other in conn.listAllDomains(0):
+            if other.UUIDString() != owner:
+                with contextlib.suppress(libvirt.libvirtError):
+                    used.update(_domain_files(other.XMLDesc(0))[0])
+        return used
 
-        def delete(conn: libvirt.virConnect) -> tuple[list[str], str]:
+    async def delete_plan(self, uuid: str, name: str, delete_storage: bool) -> DeletePlan:
+        image_dir = os.path.realpath(self.config.image_dir)
+        shm = str(self.config.shm_dir / f"looking-glass-{uuid}")
+
+        def plan(conn: libvirt.virConnect) -> DeletePlan:
             dom = conn.lookupByUUIDString(uuid)
             disks, nvram = _domain_files(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            volumes: list[libvirt.virStorageVol] = []
+            volumes = []
             if delete_storage:
-                used_elsewhere = set()
-                for other in conn.listAllDomains(0):
-                    if other.UUIDString() != dom.UUIDString():
-                        with contextlib.suppress(libvirt.libvirtError):
-                            used_elsewhere.update(_domain_files(other.XMLDesc(0))[0])
+                used_elsewhere = self._disks_of_others(conn, uuid)
                 for path in disks:
                     if path in used_elsewhere:
                         _log.info("Keeping %s: another VM uses it", path)
                         continue
                     try:
-                        volumes.append(conn.storageVolLookupByPath(path))
+                        volumes.append(str(conn.storageVolLookupByPath(path).path()))
                     except libvirt.libvirtError:
                         _log.info("Keeping %s: it is not a libvirt storage volume", path)
-            self._undefine(dom)
-            removed = []
-            for vol in volumes:
-                removed.append(vol.path())
-                vol.delete(0)
-            return removed, nvram
+            files = []
+            # Drivers without NVRAM support in undefine (test) leave the file: remove ours.
+            if nvram and os.path.realpath(os.path.dirname(nvram)) == image_dir:
+                files.append(nvram)
+            if os.path.lexists(shm):
+                files.append(shm)
+            return DeletePlan(uuid=uuid, name=name, volumes=volumes, files=files)
 
         try:
-            removed, nvram = await self.backend._call(
-                "virt.delete", OperationFailedError, "delete", uuid, delete
+            return await self.backend._call(
+                "virt.delete", OperationFailedError, "delete", uuid, plan
             )
         except VMNotFoundError:
             raise VMNotFoundError(
                 f"Could not delete: the VM {uuid} no longer exists.", details={"uuid": uuid}
             ) from None
-        # Drivers without NVRAM support in undefine (test) leave the file: remove ours.
-        if nvram and os.path.realpath(os.path.dirname(nvram)) == image_dir:
-            await self.remove_file(nvram)
-        for path in removed:  # the same for volumes a driver keeps only in memory
-            if os.path.realpath(os.path.dirname(path)) == image_dir:
-                await self.remove_file(path)
-        await self.remove_file(str(self.config.shm_dir / f"looking-glass-{uuid}"))
+
+    async def delete_volume_at(self, path: str, owner: str) -> bool:
+        in_image_dir = os.path.realpath(os.path.dirname(path)) == os.path.realpath(
+            self.config.image_dir
+        )
+
+        def delete(conn: libvirt.virConnect) -> str:
+            if path in self._disks_of_others(conn, owner):
+                return "another VM uses it"
+            if in_image_dir:  # the pool may be gone (transient, libvirtd restarted): again
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._pool(conn, os.path.dirname(path)).refresh(0)
+            try:
+                vol = conn.storageVolLookupByPath(path)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    raise
+                if os.path.lexists(path) and not in_image_dir:
+                    return "libvirt no longer knows it as a storage volume"
+                return ""
+            vol.delete(0)
+            return ""
+
+        async with self._pool_lock:
+            kept = await self.backend._call(
+                "virt.delete_volume",
+                OperationFailedError,
+                f"remove the disk volume {path}",
+                "",
+                delete,
+            )
+        if kept:
+            _log.warning("Keeping %s: %s", path, kept, extra={"fields": {"NEUROND_PATH": path}})
+            return False
+        # a driver that keeps volumes in memory (test) leaves a real file alone; remove ours
+        if in_image_dir:
+            await self.remove_file(path)
+        return True
 
 
 def make_creator(

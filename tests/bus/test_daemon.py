@@ -5,24 +5,28 @@ line, the configuration file, fault hooks, the call timeout, a second instance, 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 
 import neurond
 from tests.bus.conftest import (
     ERR,
+    JOB,
     MANAGER,
     MANAGER_PATH,
     NAME,
     TEST_PATH,
+    TEST_UUID,
     VM,
     CallFailed,
     Client,
@@ -371,3 +375,172 @@ def test_unit_file_never_enables_test_hooks() -> None:
     offending = [line for line in exec_lines if "--test-hooks" in line]
     assert not offending, offending
     assert "NEUROND_FAULTS" not in unit.read_text()
+
+
+async def test_leftover_delete_records_are_rolled_forward_and_bad_ones_left(
+    private_bus: PrivateBus, client: Client
+) -> None:
+    """A delete record a killed neurond left is finished at the next start: the domain
+    (the test driver's "test") and exactly the file it names go; an unrelated file stays.
+    Records that are corrupt, of another version or kind, with the wrong types, naming
+    another VM or relative paths (and create records with the wrong types or XML that does
+    not parse) are logged and left untouched, and the start goes on."""
+    d = Daemon(private_bus)
+    named = d.image_dir / "test_VARS.fd"
+    named.write_bytes(b"vars")
+    (d.image_dir / "unrelated.qcow2").write_bytes(b"keep")
+    good = {"uuid": TEST_UUID, "name": "test", "volumes": [], "files": [str(named)],
+            "kind": "delete", "version": 1}  # fmt: skip
+    (d.state_dir / f"delete-{TEST_UUID}.json").write_text(json.dumps(good))
+    # Each bad record is named for its own UUID, so only its own fault can reject it.
+    bad: dict[str, Callable[[str], Any]] = {
+        "not JSON": lambda u: "{not json",
+        "a list": lambda u: [{**good, "uuid": u}],
+        "version 2": lambda u: {**good, "uuid": u, "version": 2},
+        "kind create": lambda u: {**good, "uuid": u, "kind": "create"},
+        "a string for a list": lambda u: {**good, "uuid": u, "files": str(named)},
+        "a number for a path": lambda u: {**good, "uuid": u, "volumes": [7]},
+        "a number for the name": lambda u: {**good, "uuid": u, "name": 7},
+        "an unknown field": lambda u: {**good, "uuid": u, "wipe": True},
+        "a missing field": lambda u: {"uuid": u, "volumes": [], "files": []},
+        "a relative path": lambda u: {**good, "uuid": u, "files": ["images/../x"]},
+        "another VM": lambda u: good,
+    }
+    left = {}
+    for i, make in enumerate(bad.values()):
+        uuid = f"{i:08x}-1111-4222-8333-944455556666"
+        content = make(uuid)
+        path = d.state_dir / f"delete-{uuid}.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        left[path.name] = path.read_text()
+    # Create records of the right shape but with a number for a name, XML that does not parse.
+    create = {"name": "half", "pool_dir": str(d.image_dir), "volume": "", "capacity_gib": 1,
+              "nvram": "", "nvram_template": "", "shm": "", "shm_mib": 0, "xml": "",
+              "autostart": False, "done": [], "kind": "create", "version": 1}  # fmt: skip
+    for i, bad_create in enumerate([{"volume": 7}, {"xml": "<domain"}]):
+        uuid = f"{i:08x}-2222-4222-8333-944455556666"
+        path = d.state_dir / f"create-{uuid}.json"
+        path.write_text(json.dumps({**create, "uuid": uuid, **bad_create}))
+        left[path.name] = path.read_text()
+    try:
+        d.start()
+        names = [row[0] for row in (await client.call(MANAGER_PATH, MANAGER, "ListVMs"))[0]]
+        assert "test" not in names
+        with pytest.raises(CallFailed):
+            await client.get(TEST_PATH, VM, "State")  # not exported
+        assert not named.exists()
+        assert sorted(p.name for p in d.image_dir.iterdir()) == ["unrelated.qcow2"]
+        assert {p.name: p.read_text() for p in d.state_dir.iterdir()} == left
+        log = d.stderr_text()
+        assert log.count("Cannot use the delete record") == len(bad), log
+        assert log.count("Cannot use the create record") == 2, log
+        assert "Completed the interrupted delete of test" in log, log
+        assert "Traceback" not in log, log
+    finally:
+        d.close()
+
+
+async def job_end(client: Client, job: str, timeout: float = 20.0) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while (state := await client.get(job, JOB, "State")) not in (
+        "completed",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        await asyncio.sleep(0.05)
+    return state, await client.get(job, JOB, "ErrorName")
+
+
+async def test_sigterm_mid_delete_before_the_stop_keeps_the_vm_and_drops_the_record(
+    start_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """Up to the stop a delete can still be called off: SIGTERM cancels its job, the VM stays
+    and so does no record that would make the next start delete it anyway."""
+    d = start_daemon(
+        config={"timeouts": {"stop_s": STOP_S}},
+        extra_args=["--test-hooks"],
+        env={"NEUROND_FAULTS": "delete.stop:delay:30"},
+    )
+    force = {"force": Variant("b", True), "delete_storage": Variant("b", True)}
+    (job,) = await client.call(TEST_PATH, VM, "Delete", "a{sv}", [force])
+    record = d.state_dir / f"delete-{TEST_UUID}.json"
+    deadline = time.monotonic() + 10
+    while not record.exists():
+        assert time.monotonic() < deadline, "no delete record"
+        await asyncio.sleep(0.02)
+    assert json.loads(record.read_text())["kind"] == "delete"
+    code = await asyncio.to_thread(d.stop, signal.SIGTERM, STOP_S + EXIT_SLACK_S)
+    assert code == 0, d.stderr_text()
+    assert "STOPPING=1" in d.notifications
+    completed = [m.body for m in client.signals if m.member == "Completed" and m.path == job]
+    assert completed == [[False, ERR + "Cancelled", completed[0][2]]], completed
+    assert list(d.state_dir.iterdir()) == []
+
+
+async def test_delete_with_a_read_only_state_dir_fails_typed_and_changes_nothing(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], client: Client
+) -> None:
+    """The delete record cannot be written: the Delete job fails with OperationFailed before
+    anything is stopped or removed (a read-only tmpfs: root ignores permission bits)."""
+    state = tmp_path / "ro-state"
+    state.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)]
+    subprocess.run(mount, check=True, capture_output=True)
+    try:
+        d = start_daemon(config={"storage": {"state_dir": str(state)}})
+        force = {"force": Variant("b", True), "delete_storage": Variant("b", True)}
+        (job,) = await client.call(TEST_PATH, VM, "Delete", "a{sv}", [force])
+        assert await job_end(client, job) == ("failed", ERR + "OperationFailed")
+        assert "delete record" in await client.get(job, JOB, "ErrorMessage")
+        assert await client.get(TEST_PATH, VM, "State") == "running"  # not even stopped
+        assert list(state.iterdir()) == []
+        assert d.proc is not None and d.proc.poll() is None
+        assert "Traceback" not in d.stderr_text(), d.stderr_text()
+    finally:
+        subprocess.run(["umount", str(state)], check=False, capture_output=True)
+
+
+async def test_a_delete_that_cannot_remove_everything_keeps_its_record_for_the_next_start(
+    private_bus: PrivateBus, client: Client
+) -> None:
+    """Past the undefine a delete goes on; what it cannot remove (here: the files, by the
+    fault hook) keeps the record, the job fails typed, and the next start finishes it."""
+    qemu = {"libvirt": {"domain_type": "qemu"}}
+    d = Daemon(private_bus, config=qemu, extra_args=["--test-hooks"],
+               env={"NEUROND_FAULTS": "delete.files:libvirt"})  # fmt: skip
+    again = Daemon(private_bus, config=qemu)
+    again.image_dir.rmdir()
+    again.state_dir.rmdir()
+    again.image_dir, again.state_dir = d.image_dir, d.state_dir
+    again.config_path.write_text(d.config_path.read_text())
+    shm = None
+    try:
+        d.start()
+        spec = {"name": Variant("s", "half"), "profile": Variant("s", "windows11"),
+                "looking_glass": Variant("b", True)}  # fmt: skip
+        vm, job = await client.call(MANAGER_PATH, MANAGER, "CreateVM", "a{sv}", [spec])
+        assert await job_end(client, job) == ("completed", "")
+        uuid = vm.rsplit("/", 1)[1].replace("_", "-")
+        nvram = d.image_dir / f"half-{uuid}_VARS.fd"
+        shm = Path(f"/dev/shm/looking-glass-{uuid}")
+        assert nvram.exists() and shm.exists()
+        storage = {"delete_storage": Variant("b", True)}
+        (djob,) = await client.call(vm, VM, "Delete", "a{sv}", [storage])
+        assert await job_end(client, djob) == ("failed", ERR + "OperationFailed")
+        names = [row[0] for row in (await client.call(MANAGER_PATH, MANAGER, "ListVMs"))[0]]
+        assert "half" not in names  # the domain is gone
+        assert nvram.exists() and shm.exists()
+        rec = json.loads((d.state_dir / f"delete-{uuid}.json").read_text())
+        assert rec["files"] == [str(nvram), str(shm)], rec
+        assert d.stop() == 0
+
+        again.start()
+        assert not nvram.exists() and not shm.exists()
+        assert list(d.state_dir.iterdir()) == [] and list(d.image_dir.iterdir()) == []
+        assert "Completed the interrupted delete of half" in again.stderr_text()
+    finally:
+        again.close()
+        d.close()
+        if shm is not None:
+            shm.unlink(missing_ok=True)

@@ -27,8 +27,8 @@ async def force_off(client: Client) -> None:
     assert await client.get(TEST_PATH, VM, "State") == "shutoff"
 
 
-async def test_api_version_is_2(daemon: Daemon, client: Client) -> None:
-    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 2
+async def test_api_version_is_3(daemon: Daemon, client: Client) -> None:
+    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 3
 
 
 async def test_rename_keeps_the_path_and_signals_the_name(daemon: Daemon, client: Client) -> None:
@@ -117,6 +117,40 @@ async def test_set_memory_out_of_bounds_is_invalid_argument(
     assert e.name == ERR + "InvalidArgument", e
     assert "128" in e.text and str(TEST_HOST_MIB) in e.text, e.text
     assert await client.get(TEST_PATH, VM, "MemoryMiB") == before
+
+
+async def test_the_bounds_themselves_are_accepted(daemon: Daemon, client: Client) -> None:
+    await force_off(client)
+    await client.call(TEST_PATH, VM, "SetMemory", "ta{sv}", [128, {}])
+    await client.call(TEST_PATH, VM, "SetVCPUs", "ua{sv}", [TEST_HOST_CPUS, {}])
+    assert await client.get(TEST_PATH, VM, "MemoryMiB") == 128
+    assert await client.get(TEST_PATH, VM, "VCPUs") == TEST_HOST_CPUS
+
+
+async def test_set_memory_below_the_windows_minimum_is_invalid_argument(
+    start_daemon: Any, client: Client
+) -> None:
+    """The VM's profile (neurond's metadata) sets the floor: Windows 11 4096 MiB, Windows 10
+    2048 MiB. The test host has 3072 MiB, so no memory fits a Windows 11 VM here."""
+    start_daemon(config=QEMU)
+    # small disks: the test driver's pool is small
+    win11 = await created(client, name="win11", profile="windows11", disk_gib=1)
+    win10 = await created(client, name="win10", profile="windows10", disk_gib=1)
+    for mib, bound in ((2048, "4096 MiB (the windows11 profile's minimum)"), (4096, "3072 MiB")):
+        e = await fails(client, win11, "SetMemory", "ta{sv}", [mib, {}])
+        assert e.name == ERR + "InvalidArgument", e
+        assert bound in e.text, e.text
+    assert (await vm_props(client, win11))["MemoryMiB"] == 8192
+    e = await fails(client, win10, "SetMemory", "ta{sv}", [2047, {}])
+    assert e.name == ERR + "InvalidArgument" and "2048 MiB" in e.text, e.text
+    await client.call(win10, VM, "SetMemory", "ta{sv}", [2048, {}])
+    assert (await vm_props(client, win10))["MemoryMiB"] == 2048
+    # The VM defined outside neurond has no profile: only the general floor.
+    await client.call(TEST_PATH, VM, "SetMemory", "ta{sv}", [128, {}])
+    # CreateVM holds to the same floor.
+    with pytest.raises(CallFailed) as c:
+        await created(client, name="small", profile="windows11", memory_mib=2048)
+    assert c.value.name == ERR + "InvalidArgument" and "4096" in c.value.text, c.value.text
 
 
 async def test_set_vcpus_persistent_is_read_back(daemon: Daemon, client: Client) -> None:

@@ -69,6 +69,8 @@ VM_PROPERTY_TYPES = {
     "GPUAddress": "s",
     "LookingGlass": "b",
     "GuestAgent": "s",
+    "Owner": "u",
+    "Media": "s",
 }
 
 MANAGER_PROPERTY_TYPES = {
@@ -242,7 +244,7 @@ async def test_manager_properties_by_get_all(daemon: Any, client: Client) -> Non
     (props,) = await client.call(MANAGER_PATH, PROPERTIES, "GetAll", "s", [MANAGER])
     assert signatures(props) == MANAGER_PROPERTY_TYPES
     values = unwrap(props)
-    assert values["APIVersion"] == 2  # 2: issue 12's additions (spec.ADDITIONS)
+    assert values["APIVersion"] == 3  # 2, 3: issue 12's additions (spec.ADDITIONS)
     assert values["Connected"] is True
     assert values["LibvirtURI"] == "test:///default"
     assert values["Version"]
@@ -267,6 +269,7 @@ async def test_get_managed_objects_has_manager_and_vm(daemon: Any, client: Clien
     assert values["VCPUs"] >= 1 and values["MemoryMiB"] >= 1
     assert values["GPUAddress"] == "" and values["LookingGlass"] is False
     assert values["GuestAgent"] in ("none", "disconnected", "connected")
+    assert values["Owner"] == 0  # the test driver's own VM: defined outside neurond
     (direct,) = await client.call(TEST_PATH, PROPERTIES, "GetAll", "s", [VM])
     assert unwrap(direct) == values
 
@@ -282,7 +285,7 @@ async def test_properties_set_is_read_only(daemon: Any, client: Client) -> None:
         PROPERTIES,
         "Set",
         "ssv",
-        [MANAGER, "APIVersion", Variant("u", 3)],
+        [MANAGER, "APIVersion", Variant("u", 4)],
     )
     await expect_error(
         client,
@@ -293,7 +296,7 @@ async def test_properties_set_is_read_only(daemon: Any, client: Client) -> None:
         "ssv",
         [VM, "Autostart", Variant("b", True)],
     )
-    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 2
+    assert await client.get(MANAGER_PATH, MANAGER, "APIVersion") == 3
     assert await client.get(TEST_PATH, VM, "Autostart") is False
 
 

@@ -6,6 +6,8 @@ import json
 import select
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from neurond.errors import InvalidStateError, VMNotFoundError
 from tests.harness import Daemon, PrivateBus
@@ -127,3 +129,30 @@ def test_watch_prints_live_state_changes(private_bus: PrivateBus, daemon: Daemon
     finally:
         watch.kill()
         watch.wait()
+
+
+def test_media_and_images(private_bus: PrivateBus, start_daemon: Any, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.iso", "b.iso"):
+        (images / name).write_bytes(b"\0" * 2048)
+    storage = {"image_dir": str(images), "iso_roots": [str(images)]}
+    start_daemon(config={"libvirt": {"domain_type": "qemu"}, "storage": storage})
+    created = ctl(private_bus, "create", "cd", "--iso", str(images / "a.iso"))
+    assert created.returncode == 0, created.stderr
+    listed = ctl(private_bus, "images")
+    assert listed.stdout.splitlines()[0].split() == ["NAME", "SIZE", "SHA256", "USED", "BY"]
+    assert "a.iso  2048  -       cd" in listed.stdout, listed.stdout
+    inserted = ctl(private_bus, "media", "cd", str(images / "b.iso"))
+    assert inserted.returncode == 0 and "b.iso inserted" in inserted.stdout, inserted.stderr
+    data = {i["name"]: i for i in json.loads(ctl(private_bus, "--json", "images").stdout)}
+    assert data["b.iso"]["used_by_names"] == ["cd"] and data["a.iso"]["used_by"] == []
+    refused = ctl(private_bus, "delete-image", "b.iso")
+    assert refused.returncode == 10 + InvalidStateError.number, refused.stderr
+    assert "in use by VM 'cd'" in refused.stderr
+    assert ctl(private_bus, "eject", "cd").returncode == 0
+    deleted = ctl(private_bus, "--json", "delete-image", "b.iso")
+    assert json.loads(deleted.stdout) == {"image": "b.iso", "deleted": True}, deleted.stderr
+    bad = ctl(private_bus, "media", "cd", "relative.iso")
+    assert bad.returncode == 10 + 14 and "[INVALID_ARGUMENT]" in bad.stderr
+    assert sorted(p.name for p in images.iterdir()) == ["a.iso"]

@@ -28,13 +28,15 @@ from tests.polkit import PrivatePolkit
 VM_IFACE = "org.neuronos.Neuron1.VM"
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
-# nobody may run the lifecycle of vm0000 only (checked by name and UUID: the details neurond
-# passes), must authenticate for vm-manage, and is refused everything else.
+# nobody may run the lifecycle of vm0000 only (checked by name, UUID and owner: the details
+# neurond passes; a VM defined outside neurond has owner 0, named root), must authenticate for
+# vm-manage, and is refused everything else.
 RULES_TEMPLATE = """
 polkit.addRule(function(action, subject) {
   if (action.id.indexOf("org.neuronos.neuron1.") != 0 || subject.user != "nobody") return;
   if (action.id == "org.neuronos.neuron1.vm-lifecycle" &&
-      action.lookup("vm") == "vm0000" && action.lookup("uuid") == "UUID0") {
+      action.lookup("vm") == "vm0000" && action.lookup("uuid") == "UUID0" &&
+      action.lookup("owner") === "0" && action.lookup("owner_user") === "root") {
     return polkit.Result.YES;
   }
   if (action.id == "org.neuronos.neuron1.vm-manage") return polkit.Result.AUTH_ADMIN;

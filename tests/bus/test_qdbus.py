@@ -47,4 +47,4 @@ def test_qdbus_lists_methods_and_reads_a_property(private_bus: PrivateBus, daemo
         "org.neuronos.Neuron1.Manager",
         "APIVersion",
     )
-    assert version.returncode == 0 and version.stdout.strip() == "2", version.stderr
+    assert version.returncode == 0 and version.stdout.strip() == "3", version.stderr

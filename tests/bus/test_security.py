@@ -47,6 +47,8 @@ LIFECYCLE_ARGS: dict[str, tuple[str, ...]] = {
     "Rename": ("'renamed-by-nobody'",),
     "SetMemory": ("512", "{}"),
     "SetVCPUs": ("1", "{}"),
+    "ChangeMedia": ("'/var/lib/neurond/images/x.iso'",),
+    "EjectMedia": (),
 }
 
 

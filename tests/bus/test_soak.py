@@ -1,6 +1,7 @@
 """Soak (issue 9, item 7): 20,000 calls over 1,000 short-lived client connections.
 
-neurond's open file descriptors (/proc/PID/fd) and threads (/proc/PID/task) return to their
+neurond's open file descriptors (/proc/PID/fd), threads (/proc/PID/task) and asyncio tasks (as the
+fault hook's ``tasks`` probe logs them, at a member the soak never calls) return to their
 baseline afterwards, and its per-sender state is empty again: a flooding client still gets
 exactly the configured number of calls in flight (a leaked per-sender entry or a call task that
 never ended would eat into it). The baseline is taken after a warm-up of the same shape and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from tests.bus.conftest import (
 from tests.harness import REPO_ROOT, Daemon, PrivateBus, make_test_node_xml, node_uri
 
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+HARDWARE = "org.neuronos.Neuron1.Hardware"
 CALL_TIMEOUT_S = 30.0
 N_WORKERS = 2
 CONNECTIONS = 1000  # in all
@@ -146,6 +149,16 @@ def resources(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+PROBE = "GetIOMMUStatus"  # the soak never calls it; the fault `bus.GetIOMMUStatus:tasks` probes
+PROBE_LINE = re.compile(rf"Probe bus\.{PROBE}: (\d+) asyncio tasks")
+
+
+async def asyncio_tasks(client: Client, d: Daemon) -> int:
+    """neurond's asyncio tasks now (the probe's own call included, the same every time)."""
+    await client.call(MANAGER_PATH, HARDWARE, PROBE)
+    return int(PROBE_LINE.findall(d.stderr_text())[-1])
+
+
 def make_node(directory: Path) -> str:
     """The soak's test-driver node: NODE_DOMAINS running domains vm0000…; its URI."""
     make_test_node_xml(directory / "node.xml", NODE_DOMAINS, running_every=1)
@@ -167,7 +180,7 @@ async def fill_libvirt_pool(address: str) -> None:
 
 
 async def test_soak_returns_to_baseline(
-    tmp_path: Path, private_bus: PrivateBus, start_daemon: Callable[..., Daemon]
+    tmp_path: Path, private_bus: PrivateBus, start_daemon: Callable[..., Daemon], client: Client
 ) -> None:
     limit = 5
     d = start_daemon(
@@ -175,7 +188,10 @@ async def test_soak_returns_to_baseline(
         config={"limits": {"calls_per_sender": limit}},
         extra_args=HOOKS,
         # Only the flood calls ListJobs; only fill_libvirt_pool calls Reboot.
-        env={"NEUROND_FAULTS": f"bus.ListJobs:delay:0.3,virt.reboot:delay:{REBOOT_HOLD_S}"},
+        env={
+            "NEUROND_FAULTS": f"bus.ListJobs:delay:0.3,virt.reboot:delay:{REBOOT_HOLD_S},"
+            f"bus.{PROBE}:tasks"
+        },
     )
     address = private_bus.address
     await fill_libvirt_pool(address)
@@ -183,6 +199,7 @@ async def test_soak_returns_to_baseline(
     assert await run_workers(address, 100, CALLS_PER_CONNECTION) == []
     await asyncio.sleep(0.5)
     base = resources(d.pid)
+    base_tasks = await asyncio_tasks(client, d)
 
     t0 = time.monotonic()
     problems = await run_workers(address, CONNECTIONS, CALLS_PER_CONNECTION)
@@ -197,13 +214,17 @@ async def test_soak_returns_to_baseline(
         await asyncio.sleep(0.2)
     assert now[0] <= base[0], f"open fds {base[0]} -> {now[0]}: {os.listdir(f'/proc/{d.pid}/fd')}"
     assert now[1] <= base[1], f"threads {base[1]} -> {now[1]}"
+    while (tasks := await asyncio_tasks(client, d)) > base_tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert tasks <= base_tasks, f"asyncio tasks {base_tasks} -> {tasks}"
     outcomes = await flood(address, 3 * limit)
     assert outcomes.count("ok") == limit, outcomes
     assert outcomes.count(ERR + "LimitExceeded") == 2 * limit, outcomes
     assert d.proc is not None and d.proc.poll() is None
     assert "Traceback" not in d.stderr_text(), d.stderr_text()[-3000:]
     print(f"soak: {CONNECTIONS * CALLS_PER_CONNECTION} calls over {CONNECTIONS} connections "
-          f"in {elapsed:.1f} s; fds {base[0]}->{now[0]}, threads {base[1]}->{now[1]}")  # fmt: skip
+          f"in {elapsed:.1f} s; fds {base[0]}->{now[0]}, threads {base[1]}->{now[1]}, "
+          f"asyncio tasks {base_tasks}->{tasks}")  # fmt: skip
 
 
 if __name__ == "__main__":

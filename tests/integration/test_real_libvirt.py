@@ -380,7 +380,12 @@ async def test_virsh_changes_are_seen_on_the_bus_within_a_second(
     await virsh("destroy", dom.name)
     await wait_state(client, dom.path, "shutoff", "destroyed", since, OUTSIDE_CHANGE_S)
     await asyncio.sleep(0.3)
-    assert state_changes(client, dom.path, since) == [("shutoff", "destroyed")]
+    changes = state_changes(client, dom.path, since)
+    # libvirt itself may show the domain as "shutdown" (our stopping) for a moment: QEMU
+    # reports SHUTDOWN on the SIGTERM of a destroy before libvirt reaps it; a read landing
+    # there is the truth of that moment (seen under load), so at most that one step first.
+    assert changes[-1] == ("shutoff", "destroyed"), changes
+    assert changes[:-1] in ([], [("stopping", "unknown")]), changes
 
     since = mark(client)
     await virsh("undefine", dom.name)

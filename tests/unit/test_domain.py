@@ -248,3 +248,20 @@ def test_profile_defaults() -> None:
     assert (w11.uefi, w11.secure_boot, w11.tpm) == (True, True, True)
     generic = resolve(parse_spec({"name": "a"}))
     assert generic.profile.name == "generic" and not generic.uefi
+
+
+def test_owner_and_profile_round_trip_through_the_metadata() -> None:
+    s = resolve(parse_spec({"name": "vm1", "profile": "windows10"}))
+    xml = to_xml(s, HostFacts(domain_type="qemu", firmware=PLAIN), VMFiles(uuid=UUID), owner=1000)
+    summary = summarize(xml)
+    assert (summary.owner, summary.profile) == (1000, "windows10")
+    # Not a uid (hand-edited, or no metadata at all): no owner.
+    for bad in ("-1", "x", "", "4294967296", "1e3"):
+        assert summarize(xml.replace('owner="1000"', f'owner="{bad}"')).owner == 0
+    assert summarize("<domain><name>a</name></domain>").owner == 0
+
+
+def test_memory_below_the_profile_minimum_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="windows11 profile needs at least 4096 MiB"):
+        resolve(parse_spec({"name": "vm1", "profile": "windows11", "memory_mib": 4095}))
+    assert resolve(parse_spec({"name": "vm1", "profile": "windows11", "memory_mib": 4096}))

@@ -22,6 +22,7 @@ EXPECTED = [
     "etc/neurond/neurond.toml",
     "usr/lib/systemd/catalog/neurond.catalog",
     "usr/share/doc/neurond/README.md",
+    "usr/share/doc/neurond/examples/70-neurond-owner.rules",
     "usr/bin/neurond",
     "usr/bin/neuronctl",
 ]
@@ -38,6 +39,19 @@ def test_make_install_destdir(tmp_path: Path) -> None:
     packages = list(tmp_path.glob("usr/lib/python3*/site-packages/neurond/daemon.py"))
     assert packages, sorted(str(p) for p in tmp_path.rglob("daemon.py"))
     assert os.access(tmp_path / "usr/bin/neurond", os.X_OK)
+    # The owner rules are an example unless a distribution asks for them (docs/security.md).
+    assert not (tmp_path / "usr/share/polkit-1/rules.d").exists()
+
+
+def test_owner_rules_active_when_a_distribution_asks(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["make", "-s", "install", f"DESTDIR={tmp_path}", f"PYTHON={sys.executable}",
+         "OWNER_RULES=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    active = tmp_path / "usr/share/polkit-1/rules.d/70-neurond-owner.rules"
+    assert active.read_text() == (REPO / "polkit" / "70-neurond-owner.rules").read_text()
 
 
 def _uncommented(text: str) -> dict[str, Any]:

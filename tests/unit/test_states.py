@@ -27,6 +27,8 @@ CONTRACT = {
     Method.CREATE: set(),  # not a call: CreateVM's job holds it on the new VM
     Method.RENAME: {"shutoff"},  # issue 12: shut-off VMs only
     Method.SET_RESOURCES: {s.value for s in VMState} - {"creating", "deleting"},
+    # issue 12: live on a running or paused VM, persistent on a shut-off one; never mid-transition
+    Method.MEDIA: {"shutoff", "running", "paused"},
 }
 
 
