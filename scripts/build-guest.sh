@@ -6,7 +6,10 @@
 # OUTDIR/vmlinuz           Debian's kernel, the one the linux-image-amd64 metapackage depends on
 # OUTDIR/initrd-agent.img  busybox-static init + the virtio/evdev/ACPI-button modules + a watcher
 #                          that runs `poweroff -f` on the ACPI power button + Debian's qemu-ga
-#                          (with the shared libraries `ldd` finds) on org.qemu.guest_agent.0
+#                          (with the shared libraries `ldd` finds) on org.qemu.guest_agent.0;
+#                          virtio_balloon too, so that a domain with <memballoon model='virtio'>
+#                          honours live memory changes (libvirt's live <currentMemory> follows
+#                          QEMU's BALLOON_CHANGE events, which need the guest's driver)
 # OUTDIR/initrd-plain.img  the same without the guest agent
 #
 # Kernel command line words the init understands (besides console=ttyS0):
@@ -27,7 +30,7 @@ RECIPE_HASH=$(sha256sum "$SCRIPT" | cut -d' ' -f1)
 STAMP=$OUTDIR/.stamp
 OUTPUTS=(vmlinuz initrd-agent.img initrd-plain.img)
 # Modules the guest loads; their dependencies are added from each module's `depends=`.
-WANTED_MODULES=(virtio_pci virtio_console evdev button)
+WANTED_MODULES=(virtio_pci virtio_console virtio_balloon evdev button)
 
 say() { echo "build-guest: $*" >&2; }
 die() { say "error: $*"; exit 1; }

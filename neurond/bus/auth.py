@@ -49,11 +49,15 @@ interactive_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
+def _text(owner: int | None) -> str:
+    return "" if owner is None else str(owner)
+
+
 def _details(vm: str, uuid: str, owner: int | None) -> dict[str, str]:
     """polkit's details of one check; ``owner_user`` only when the owner's uid has a name."""
     details = {k: v for k, v in (("vm", vm), ("uuid", uuid)) if v}
     if owner is not None:
-        details["owner"] = str(owner)
+        details["owner"] = _text(owner)
         try:
             details["owner_user"] = pwd.getpwuid(owner).pw_name
         except KeyError:  # a uid without a passwd entry: rules see no name to match
@@ -76,7 +80,9 @@ class Authorizer:
         self.use_polkit = use_polkit and not session
         self.own_uid = os.getuid()
         self._uids: dict[str, int] = {}
-        self._granted: set[tuple[str, str, str]] = set()
+        # polkit's retained grants: (sender, action, vm, uuid, owner). The UUID and owner keep
+        # a grant on the VM it was given for, not one that later takes over its name.
+        self._granted: set[tuple[str, str, str, str, str]] = set()
         bus.add_message_handler(self._on_signal)
 
     async def start(self) -> None:
@@ -139,7 +145,7 @@ class Authorizer:
         if self.session:
             if uid == self.own_uid:
                 return uid
-        elif uid == 0 or (sender, full, vm) in self._granted:
+        elif uid == 0 or (sender, full, vm, uuid, _text(owner)) in self._granted:
             return uid
         elif self.use_polkit:
             # A name lookup may go to NSS (LDAP, …): off the loop.
@@ -206,7 +212,8 @@ class Authorizer:
         authorized, challenge, result = reply.body[0]
         if authorized:
             if result.get("polkit.retains_authorization_after_challenge") in ("1", "true"):
-                self._granted.add((sender, action, vm))
+                grant = (sender, action, vm, details.get("uuid", ""), details.get("owner", ""))
+                self._granted.add(grant)  # as authorize looks it up: details hold _text(owner)
             return True
         if result.get("polkit.dismissed") in ("1", "true"):
             raise AuthorizationDismissedError(

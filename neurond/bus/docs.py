@@ -48,10 +48,12 @@ DOCS: dict[str, str] = {
     "VM.GuestExec": "Run a program in the guest; exit code and raw stdout/stderr bytes.",
     "VM.Rename": "Rename a shut-off VM (names as at creation); the path stays. APIVersion 2.",
     "VM.SetMemory": "Set the memory in MiB (at least 128, or the profile's minimum: Windows 11 "
-    "4096, Windows 10 2048; at most the host's RAM) in the persistent definition; option live b "
-    "also balloons the running VM. APIVersion 2.",
-    "VM.SetVCPUs": "Set the vCPUs (1 to the host's CPUs) in the persistent definition; option "
-    "live b also hot-plugs on the running VM up to its maximum. APIVersion 2.",
+    "4096, Windows 10 2048; at most the host's RAM) in the persistent definition, as maximum and "
+    "current; option live b also balloons the running VM, down or up to the maximum it booted "
+    "with (above it NotSupported, nothing changed). APIVersion 2.",
+    "VM.SetVCPUs": "Set the vCPUs (1 to the host's CPUs) in the persistent definition, as maximum "
+    "and current; option live b also hot-plugs on the running VM up to the maximum it booted "
+    "with (above it NotSupported, nothing changed). APIVersion 2.",
     "VM.ChangeMedia": "Insert an ISO (a file under an ISO root) into the first CD-ROM: live and "
     "persistent on a running or paused VM, persistent when shut off. APIVersion 3.",
     "VM.EjectMedia": "Empty the first CD-ROM: live and persistent on a running or paused VM, "

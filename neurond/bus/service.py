@@ -402,22 +402,29 @@ class BusService:
         await self._core().set_vcpus(vm, count, live)
 
     async def _change_media(self, vm: CoreVM, call: Call, iso: str) -> None:
-        await self._authorize_media(vm, call, "ChangeMedia")
+        action = await self._authorize_media(vm, call, "ChangeMedia")
         # The path is looked at only for an authorized caller: its answers (exists, is a
         # file, where a symlink leads) must not tell anyone else about the file system.
         roots = self.config.storage.iso_roots
         async with files_lock:  # DeleteImage waits: the checked file stays until it is in use
             path = await asyncio.to_thread(_readable_iso, iso, roots)
+            self._same_media_action(vm, "ChangeMedia", action)  # the waits above: again
             await self._core().change_media(vm, path)
 
     async def _eject_media(self, vm: CoreVM, call: Call) -> None:
         await self._authorize_media(vm, call, "EjectMedia")
         await self._core().change_media(vm, None)
 
-    async def _authorize_media(self, vm: CoreVM, call: Call, member: str) -> None:
+    async def _authorize_media(self, vm: CoreVM, call: Call, member: str) -> str:
         action = media_action(member, vm.state)
         await self._authorize_vm(call, action, vm)
-        if media_action(member, vm.state) != action:  # it started or stopped meanwhile
+        self._same_media_action(vm, member, action)
+        return action
+
+    @staticmethod
+    def _same_media_action(vm: CoreVM, member: str, action: str) -> None:
+        """InvalidState if the VM started or stopped since ``action`` was authorized."""
+        if media_action(member, vm.state) != action:
             raise InvalidStateError(
                 f"VM {vm.name!r} became {vm.state} during the authorization of {member}; "
                 "try again.",
@@ -428,7 +435,7 @@ class BusService:
 
     def _images(self) -> Images:
         core = self._core()
-        return Images(core.backend, core.vms)
+        return Images(core.backend, core.vms, self.creator.creating if self.creator else {})
 
     async def _list_images(self, call: Call) -> list[dict[str, Variant]]:
         await self.auth.authorize(call.sender, ACTIONS[(MANAGER, "ListImages")])

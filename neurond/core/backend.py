@@ -29,6 +29,14 @@ class DomainInfo:
     media: str = ""  # the file in the first CD-ROM drive, "" when empty or without one
 
 
+@dataclass(frozen=True, slots=True)
+class DomainState:
+    """Only a domain's state, read when nothing else about it changed (get_domain)."""
+
+    state: VMState
+    reason: str
+
+
 class EventSink(Protocol):
     """The core's side of the backend's events; called on the event loop."""
 
@@ -50,20 +58,23 @@ class Backend(Protocol):
 
     async def list_domains(self) -> list[DomainInfo]: ...
 
-    async def get_domain(self, uuid: str) -> DomainInfo | None:
-        """The domain now, or None when it no longer exists."""
+    async def get_domain(self, uuid: str, full: bool = True) -> DomainInfo | DomainState | None:
+        """The domain now, or None when it no longer exists. With ``full`` False (a refresh
+        for events) only its state when every event since its last read changed nothing
+        else: a pause or resume (the core keeps the rest of what it knew)."""
 
     # The transitions' actions return the domain as read right after the action, in the same
-    # worker job (None when that read failed or the domain is gone): VMService._end.
+    # worker job (None when that read failed or the domain is gone): VMService._end. A pause
+    # or resume changes nothing but the state, so only the state is read after it.
     async def start(self, uuid: str, paused: bool) -> DomainInfo | None: ...
 
     async def shutdown(self, uuid: str) -> None: ...
 
     async def destroy(self, uuid: str) -> DomainInfo | None: ...
 
-    async def suspend(self, uuid: str) -> DomainInfo | None: ...
+    async def suspend(self, uuid: str) -> DomainState | None: ...
 
-    async def resume(self, uuid: str) -> DomainInfo | None: ...
+    async def resume(self, uuid: str) -> DomainState | None: ...
 
     async def reboot(self, uuid: str) -> DomainInfo | None: ...
 

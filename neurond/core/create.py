@@ -140,10 +140,12 @@ class Provisioner(Protocol):
 
 class RecordStore:
     """The transaction records in ``storage.state_dir``: one JSON file per create or delete
-    in flight (``create-<uuid>.json``, ``delete-<uuid>.json``), each with its format version."""
+    in flight (``create-<uuid>.json``, ``delete-<uuid>.json``), each with its format version.
+    ``file_dirs``: where the files a delete removes may be (the image and shm directories)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, file_dirs: tuple[Path, ...] = ()) -> None:
         self.directory = directory
+        self.file_dirs = file_dirs
 
     def _path(self, uuid: str, kind: str = "create") -> Path:
         return self.directory / f"{kind}-{uuid}.json"
@@ -207,7 +209,7 @@ class RecordStore:
                 plan = _from_json(kind, json.loads((self.directory / name).read_text()))
                 if plan.uuid != uuid:
                     raise ValueError("it names another VM")
-                if not _names_ok(plan):
+                if not _names_ok(plan, self.file_dirs):
                     raise ValueError("it names objects that are not this VM's")
             except (OSError, ValueError, TypeError, NeuronError) as e:
                 _log.error(
@@ -246,11 +248,15 @@ def _from_json(kind: str, data: object) -> Record:
     return plan
 
 
-def _names_ok(plan: Record) -> bool:
+def _names_ok(plan: Record, file_dirs: tuple[Path, ...]) -> bool:
     """The guard of recovery: a create record names only objects carrying its UUID (so a
-    rollback can only touch what the create made); a delete record only absolute paths."""
+    rollback can only touch what the create made); a delete record only absolute paths, its
+    files directly in one of ``file_dirs`` (as a delete plans them: never anything else)."""
     if isinstance(plan, DeletePlan):
-        return all(os.path.isabs(p) and os.path.normpath(p) == p for p in plan.volumes + plan.files)
+        dirs = {os.path.realpath(d) for d in file_dirs}
+        return all(
+            os.path.isabs(p) and os.path.normpath(p) == p for p in plan.volumes + plan.files
+        ) and all(os.path.realpath(os.path.dirname(p)) in dirs for p in plan.files)
     return _names_uuid(plan)
 
 
@@ -276,6 +282,9 @@ class Creator:
         self.records = records
         self.shutdown_timeout_s = shutdown_timeout_s
         self._active: set[str] = set()  # UUIDs of creates in flight (their records are live)
+        # The domain XML of each create in flight, by UUID: its files are in use before libvirt
+        # has the domain (DeleteImage must not take them away).
+        self.creating: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovered = False
 
@@ -333,6 +342,7 @@ class Creator:
         vm.update()
         svc.vms[uuid] = vm
         self._active.add(uuid)
+        self.creating[uuid] = plan.xml
         with log.bind(vm=settings.name):
             _log.info(
                 "Creating VM %s (%s, profile %s)",
@@ -437,6 +447,7 @@ class Creator:
         """Free the VM's slot once the job has ended; a failed create's VM then goes."""
         await job.done.wait()
         self._active.discard(vm.uuid)
+        self.creating.pop(vm.uuid, None)
         svc = self.service
         op = vm.op
         if job.error is None:

@@ -17,11 +17,13 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from neurond.core.vm import VM
+from neurond.domain import media
 from neurond.errors import InvalidArgumentError, InvalidStateError, OperationFailedError
 
 _log = logging.getLogger("neurond.core")
@@ -151,8 +153,16 @@ def scan(image_dir: Path, index: ChecksumIndex) -> list[tuple[Image, str]]:
     return sorted(out, key=lambda pair: pair[0].name)
 
 
-def _real_paths(files: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
-    return {uuid: frozenset(os.path.realpath(p) for p in paths) for uuid, paths in files.items()}
+def _real_paths(
+    files: dict[str, frozenset[str]], creating: dict[str, str]
+) -> dict[str, frozenset[str]]:
+    """The real paths of the domains' files, and of those of the VMs being created (from the
+    XML their create will define)."""
+    planned = {uuid: media.files(xml) for uuid, xml in creating.items() if uuid not in files}
+    return {
+        uuid: frozenset(os.path.realpath(p) for p in paths)
+        for uuid, paths in {**planned, **files}.items()
+    }
 
 
 class DomainFiles(Protocol):
@@ -162,12 +172,16 @@ class DomainFiles(Protocol):
 class Images:
     """ListImages and DeleteImage over the image directory and libvirt's domain definitions."""
 
-    def __init__(self, backend: DomainFiles, vms: dict[str, VM]) -> None:
+    def __init__(
+        self, backend: DomainFiles, vms: dict[str, VM], creating: Mapping[str, str]
+    ) -> None:
         self.backend = backend
         self.vms = vms  # the registry, for the names of the VMs using an image
+        self.creating = creating  # Creator.creating: the domain XML of each create in flight
 
     async def _users(self) -> dict[str, frozenset[str]]:
-        return await asyncio.to_thread(_real_paths, await self.backend.domain_files())
+        files = await self.backend.domain_files()
+        return await asyncio.to_thread(_real_paths, files, dict(self.creating))
 
     async def list_images(self, image_dir: Path, state_dir: Path) -> list[Image]:
         found = await asyncio.to_thread(scan, image_dir, ChecksumIndex(state_dir))

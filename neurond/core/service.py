@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from neurond import log, messages
-from neurond.core.backend import Backend, DomainInfo
+from neurond.core.backend import Backend, DomainInfo, DomainState
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo, agent_unavailable
 from neurond.core.jobs import Job, JobManager
 from neurond.core.states import ALLOWED, MEDIA_LIVE, Method, VMState
@@ -67,6 +68,7 @@ class VMService:
         self.vms: dict[str, VM] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
+        self._full: set[str] = set()  # dirty VMs whose next read is not for events only
         self._reads = 0  # refresh reads started (of any VM): _end's check for a fresher read
         self._reading: set[str] = set()  # VMs whose refresh read is in flight
         # VMs whose transition's action (and its read) runs: their refreshes read after it.
@@ -101,13 +103,21 @@ class VMService:
             self._apply(uuid, None)
 
     def domain_event(self, uuid: str) -> None:
-        self._schedule_refresh(uuid.lower())
+        uuid = uuid.lower()
+        if uuid in self._acting and uuid not in self._refreshing:
+            # The action's own event, typically: read once the transition ended (_transition),
+            # after its signal, not beside its read.
+            self._dirty.add(uuid)
+            return
+        self._schedule_refresh(uuid)
 
     def connection_changed(self, connected: bool) -> None:
         self.listener.connection_changed(connected)
 
-    def _schedule_refresh(self, uuid: str) -> asyncio.Task[None]:
+    def _schedule_refresh(self, uuid: str, full: bool = False) -> asyncio.Task[None]:
         self._dirty.add(uuid)
+        if full:
+            self._full.add(uuid)
         task = self._refreshing.get(uuid)
         if task is None:
             task = asyncio.ensure_future(self._refresh_loop(uuid))
@@ -117,7 +127,7 @@ class VMService:
     async def refresh(self, uuid: str) -> None:
         """Look at the domain again, after everything already scheduled for it."""
         with contextlib.suppress(NeuronError):
-            await asyncio.shield(self._schedule_refresh(uuid))
+            await asyncio.shield(self._schedule_refresh(uuid, full=True))
 
     async def _refresh_loop(self, uuid: str) -> None:
         try:
@@ -129,15 +139,24 @@ class VMService:
                     await asyncio.wait({acting})
                     continue
                 self._dirty.discard(uuid)
+                # After events only, the backend may read just the state (a pause, a resume).
+                full = uuid in self._full or uuid not in self.vms
+                self._full.discard(uuid)
                 self._reads += 1
                 self._reading.add(uuid)
                 try:
-                    info = await self.backend.get_domain(uuid)
+                    info = await self.backend.get_domain(uuid, full)
                 except NeuronError as e:
                     log.log_error(_log, e, f"Could not read domain {uuid}: {e.message}")
                     return
                 finally:
                     self._reading.discard(uuid)
+                if isinstance(info, DomainState):
+                    vm = self.vms.get(uuid)
+                    if vm is None:  # forgotten meanwhile (a resync): read all of it
+                        self._schedule_refresh(uuid, full=True)
+                        continue
+                    info = dataclasses.replace(vm.info, state=info.state, reason=info.reason)
                 self._apply(uuid, info)
         finally:
             del self._refreshing[uuid]
@@ -171,9 +190,11 @@ class VMService:
         self._changed(vm, vm.update(info))
 
     def _changed(self, vm: VM, changed: dict[str, Any]) -> None:
-        """Log a state change (a catalogued event) and tell the listener what changed."""
+        """Tell the listener what changed and log a state change (a catalogued event); the
+        signal first: the log line costs about 70 µs before it otherwise (issue 11)."""
         if not changed:
             return
+        self.listener.vm_changed(vm, changed)
         if "state" in changed:
             _log.info(
                 "VM %s is %s (%s)",
@@ -182,7 +203,6 @@ class VMService:
                 vm.reason,
                 extra={"fields": _state_fields(vm)},
             )
-        self.listener.vm_changed(vm, changed)
 
     def _set_op(self, vm: VM, op: Operation | None) -> None:
         if vm.op is not None and vm.op is not op:
@@ -213,7 +233,10 @@ class VMService:
             )
 
     async def _transition(
-        self, vm: VM, method: Method, action: Callable[[], Awaitable[DomainInfo | None]]
+        self,
+        vm: VM,
+        method: Method,
+        action: Callable[[], Awaitable[DomainInfo | DomainState | None]],
     ) -> None:
         """Run ``action`` as the VM's one transition; an identical call in flight is joined.
 
@@ -239,18 +262,27 @@ class VMService:
         finally:
             del self._acting[vm.uuid]
             acting.set_result(None)
-            await self._end(vm, fresh, reads)
+            try:
+                await self._end(vm, fresh, reads)
+            finally:
+                if vm.uuid in self._dirty:  # events held back while the action ran
+                    self._schedule_refresh(vm.uuid)
 
-    async def _end(self, vm: VM, fresh: DomainInfo | None = None, reads: int = -1) -> None:
+    async def _end(
+        self, vm: VM, fresh: DomainInfo | DomainState | None = None, reads: int = -1
+    ) -> None:
         """Free the VM's slot after reading libvirt's state, so the state moves only once.
 
         ``fresh`` (read after the action, in its executor job) is applied as it is when no
         refresh read began since ``reads`` and none of this VM is in flight: nothing applied
         before is newer, and every later read (the action's own event's, say) starts after
-        it. Otherwise the VM is read again, after the refreshes in flight.
+        it. Otherwise the VM is read again, after the refreshes in flight. A DomainState (a
+        pause's or resume's read) replaces only the state of what is known.
         """
         try:
             if fresh is not None and reads == self._reads and vm.uuid not in self._reading:
+                if isinstance(fresh, DomainState):
+                    fresh = dataclasses.replace(vm.info, state=fresh.state, reason=fresh.reason)
                 self._apply(vm.uuid, fresh)
             else:
                 await self.refresh(vm.uuid)

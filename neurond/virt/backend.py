@@ -1,4 +1,4 @@
-"""The libvirt backend: one shared connection, blocking calls in a bounded executor, events.
+"""The libvirt backend: one shared connection, blocking calls in bounded worker threads, events.
 
 The only part of neurond that imports libvirt. The connection owner (``run``) opens the
 connection, registers event callbacks, notices its loss (close callback and keepalive) and
@@ -11,18 +11,19 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import libvirt
 import libvirtaio
 
 from neurond import faults, log, messages
-from neurond.core.backend import DomainInfo, EventSink
+from neurond.core.backend import DomainInfo, DomainState, EventSink
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo
 from neurond.core.states import from_libvirt
-from neurond.domain.parse import summarize
+from neurond.domain.parse import DomainSummary, summarize
 from neurond.errors import (
     LibvirtConnectionFailedError,
     NeuronError,
@@ -45,6 +46,19 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 
 _event_impl_registered = False
+
+# Lifecycle events that change a domain's state and nothing else of what neurond shows (a
+# pause or resume: the XML, persistence and autostart stay). Not start or stop (the live XML
+# replaces the persistent one, or back), nor a snapshot's or migration's pause or resume.
+_STATE_ONLY_EVENTS = frozenset(
+    {
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED),
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR),
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_WATCHDOG),
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_API_ERROR),
+        (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED),
+    }
+)
 
 
 def register_event_loop() -> None:
@@ -81,20 +95,108 @@ def _live(uuid: str, what: str, change: Callable[[], object]) -> None:
         ) from None
 
 
+def _within_live_maximum(uuid: str, what: str, asked: int, maximum: int, unit: str) -> None:
+    """The running VM's maximum (memory for the balloon, vCPUs for hot-plug) was fixed when it
+    booted: above it the change cannot be live (NotSupported naming the bound)."""
+    if asked > maximum:
+        raise NotSupportedError(
+            f"The running VM's {what} can go up to its maximum of {maximum}{unit}, fixed when it "
+            f"booted, not {asked}{unit}. Nothing was changed; without option live the change "
+            "applies at the next boot.",
+            details={"uuid": uuid, "live": True, "maximum": maximum},
+        )
+
+
+# A worker's job: the loop and future to settle, the caller's context's run, the call.
+_Job = tuple[
+    asyncio.AbstractEventLoop,
+    "asyncio.Future[Any]",
+    Callable[[Callable[[], Any]], Any],
+    Callable[[], Any],
+]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if not fut.done():  # cancelled meanwhile: its caller gave up (a timeout)
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+
+
+class _Workers:
+    """Threads for blocking libvirt calls, at most ``size``, started as needed.
+
+    What ``run_in_executor`` on a ThreadPoolExecutor does, with less on the way: a job is one
+    queue entry, and its result reaches the loop with one ``call_soon_threadsafe`` (no second
+    future, no done callbacks, no locks), which is most of a Pause's trip to libvirt
+    (docs/benchmarks.md). Daemon threads: a call hung in a dead libvirtd does not hold up the
+    process's exit (the keepalive and the callers' timeouts bound it before that)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._size = size
+        self._started = 0
+        self._name = name
+        self._closed = False
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()`` in a worker thread (in the caller's context: its bound log fields)."""
+        if self._closed:  # as ThreadPoolExecutor.submit: nothing would ever run it
+            raise RuntimeError("cannot run libvirt calls after the backend closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, fut, contextvars.copy_context().run, fn))
+        if not self._idle.acquire(blocking=False) and self._started < self._size:
+            name = f"{self._name}_{self._started}"
+            self._started += 1
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, fut, run, fn = job
+            del job
+            if not fut.cancelled():  # cancelled while queued: nobody waits for it
+                result, error = None, None
+                try:
+                    result = run(fn)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller, as an executor does
+                    error = e
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, fut, result, error)
+                del result, error
+            del loop, fut, run, fn
+            self._idle.release()
+        self._jobs.put(None)  # the next thread stops too
+
+    def shutdown(self) -> None:
+        """Cancel the queued jobs; each thread stops after the job it runs."""
+        self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while (job := self._jobs.get_nowait()) is not None:
+                job[1].cancel()
+        self._jobs.put(None)
+
+
 class LibvirtBackend:
     """Implements neurond.core.backend.Backend on libvirt-python."""
 
     def __init__(self, uri: str, sink: EventSink, workers: int = 4) -> None:
         self._uri = uri
         self._sink = sink
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._workers = _Workers(workers, "libvirt")
         # Guest agent commands wait up to timeouts.guest_agent_s each: their own threads, so
         # unresponsive agents cannot hold up lifecycle calls.
-        self._agent_executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="libvirt-agent"
-        )
+        self._agent_workers = _Workers(workers, "libvirt-agent")
         self._conn: libvirt.virConnect | None = None
         self._callbacks: list[int] = []
+        # Per domain, since its last read: the domain of the last event when every event
+        # changed only its state (get_domain may then read the state alone), else None.
+        self._events: dict[str, libvirt.virDomain | None] = {}
+        # Per domain, its last XML and what summarize() made of it (equal XML, equal summary).
+        self._summaries: dict[str, tuple[str, DomainSummary]] = {}
         self._lost = asyncio.Event()
         self._stopping = False
 
@@ -152,14 +254,12 @@ class LibvirtBackend:
                 self._sink.connection_changed(False)
 
     async def _open(self) -> None:
-        loop = asyncio.get_running_loop()
-
         def open_() -> libvirt.virConnect:
             faults.hit("virt.open")
             return libvirt.open(self._uri)
 
         try:
-            conn = await loop.run_in_executor(self._executor, open_)
+            conn = await self._workers.run(open_)
         except libvirt.libvirtError as e:
             raise LibvirtConnectionFailedError(
                 f"Cannot connect to libvirt at {self._uri}: {e.get_error_message()}.",
@@ -176,7 +276,7 @@ class LibvirtBackend:
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
                 ),
                 conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_lifecycle, None
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent, None
                 ),
             ]
         except libvirt.libvirtError as e:
@@ -187,10 +287,22 @@ class LibvirtBackend:
                 details={"uri": self._uri},
                 cause=e,
             ) from None
+        self._events.clear()  # events were missed while disconnected: read everything
         self._conn = conn
 
-    def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, *_args: Any) -> None:
-        self._sink.domain_event(dom.UUIDString())
+    def _on_lifecycle(
+        self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any
+    ) -> None:
+        uuid = dom.UUIDString().lower()
+        only_state = (event, detail) in _STATE_ONLY_EVENTS
+        full_pending = uuid in self._events and self._events[uuid] is None
+        self._events[uuid] = None if full_pending or not only_state else dom
+        self._sink.domain_event(uuid)
+
+    def _on_agent(self, _conn: Any, dom: libvirt.virDomain, *_args: Any) -> None:
+        uuid = dom.UUIDString().lower()
+        self._events[uuid] = None  # the agent channel's state is in the XML
+        self._sink.domain_event(uuid)
 
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         self._lost.set()
@@ -210,14 +322,14 @@ class LibvirtBackend:
                 conn.close()
 
         self._callbacks = []
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        await self._workers.run(close)
 
     async def close(self) -> None:
         self._stopping = True
         self._lost.set()
         await self._drop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._agent_executor.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown()
+        self._agent_workers.shutdown()
 
     # ---- calls --------------------------------------------------------------------------
 
@@ -228,7 +340,7 @@ class LibvirtBackend:
         doing: str,
         vm: str,
         fn: Callable[[libvirt.virConnect], T],
-        executor: ThreadPoolExecutor | None = None,
+        workers: _Workers | None = None,
     ) -> T:
         conn = self._conn
         if conn is None:
@@ -244,18 +356,24 @@ class LibvirtBackend:
             return fn(conn)
 
         try:
-            # copy_context: log fields bound by the caller (vm, sender) follow into the thread
-            return await asyncio.get_running_loop().run_in_executor(
-                executor or self._executor, contextvars.copy_context().run, run
-            )
+            return await (workers or self._workers).run(run)
         except libvirt.libvirtError as e:
             err = translate(e, fallback, doing, vm)
             if isinstance(err, LibvirtConnectionFailedError):
                 self._lost.set()
             raise err from None
 
+    def _summary(self, dom: libvirt.virDomain) -> DomainSummary:
+        xml, uuid = dom.XMLDesc(0), dom.UUIDString()
+        last = self._summaries.get(uuid)
+        if last is not None and last[0] == xml:
+            return last[1]  # parsing is most of a read's time on a local driver
+        summary = summarize(xml)
+        self._summaries[uuid] = (xml, summary)
+        return summary
+
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
-        summary = summarize(dom.XMLDesc(0))
+        summary = self._summary(dom)
         state, reason = dom.state()
         ours, reason_name = from_libvirt(state, reason)
         return DomainInfo(
@@ -276,7 +394,10 @@ class LibvirtBackend:
         )
 
     async def list_domains(self) -> list[DomainInfo]:
+        self._events.clear()  # a read of every domain: later events are what is new
+
         def list_(conn: libvirt.virConnect) -> list[DomainInfo]:
+            self._summaries.clear()  # forget the undefined ones
             out = []
             for dom in conn.listAllDomains(0):
                 try:
@@ -288,12 +409,17 @@ class LibvirtBackend:
 
         return await self._call("virt.list", OperationFailedError, "list the domains", "", list_)
 
-    async def get_domain(self, uuid: str) -> DomainInfo | None:
-        def get(conn: libvirt.virConnect) -> DomainInfo | None:
+    async def get_domain(self, uuid: str, full: bool = True) -> DomainInfo | DomainState | None:
+        event_dom = self._events.pop(uuid, None)  # every later event makes another refresh
+
+        def get(conn: libvirt.virConnect) -> DomainInfo | DomainState | None:
             try:
+                if event_dom is not None and not full:
+                    return DomainState(*from_libvirt(*event_dom.state()))  # one RPC, not five
                 return self._info(conn.lookupByUUIDString(uuid))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    self._summaries.pop(uuid, None)
                     return None
                 raise
 
@@ -338,6 +464,20 @@ class LibvirtBackend:
         await self._on_domain(point, fallback, doing, uuid, act)
         return fresh[0] if fresh else None
 
+    async def _act_on_state(
+        self, point: str, doing: str, uuid: str, fn: Callable[[libvirt.virDomain], object]
+    ) -> DomainState | None:
+        """``_act`` for a pause or resume, which change nothing but the state: read only it."""
+        fresh: list[DomainState] = []
+
+        def act(d: libvirt.virDomain) -> None:
+            fn(d)
+            with contextlib.suppress(libvirt.libvirtError):
+                fresh.append(DomainState(*from_libvirt(*d.state())))
+
+        await self._on_domain(point, OperationFailedError, doing, uuid, act)
+        return fresh[0] if fresh else None
+
     async def start(self, uuid: str, paused: bool) -> DomainInfo | None:
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         return await self._act(
@@ -362,15 +502,11 @@ class LibvirtBackend:
             "virt.destroy", VMStopFailedError, "force off", uuid, lambda d: d.destroy()
         )
 
-    async def suspend(self, uuid: str) -> DomainInfo | None:
-        return await self._act(
-            "virt.suspend", OperationFailedError, "pause", uuid, lambda d: d.suspend()
-        )
+    async def suspend(self, uuid: str) -> DomainState | None:
+        return await self._act_on_state("virt.suspend", "pause", uuid, lambda d: d.suspend())
 
-    async def resume(self, uuid: str) -> DomainInfo | None:
-        return await self._act(
-            "virt.resume", OperationFailedError, "resume", uuid, lambda d: d.resume()
-        )
+    async def resume(self, uuid: str) -> DomainState | None:
+        return await self._act_on_state("virt.resume", "resume", uuid, lambda d: d.resume())
 
     async def reboot(self, uuid: str) -> DomainInfo | None:
         return await self._act(
@@ -412,9 +548,11 @@ class LibvirtBackend:
 
         def set_(d: libvirt.virDomain) -> None:
             if live and d.isActive():  # first: a refused live change changes nothing
+                # The balloon moves the current memory down, or up to the running maximum.
+                _within_live_maximum(uuid, "memory", mib, d.maxMemory() // 1024, " MiB")
                 _live(uuid, "memory", lambda: d.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE))
-            # The persistent definition: maximum and current both become ``mib`` (a lower
-            # maximum also lowers the current memory, so the maximum goes first).
+            # The persistent definition: maximum and current both become ``mib``, the memory the
+            # VM boots with (a lower maximum also lowers the current memory, so it goes first).
             d.setMemoryFlags(kib, config | maximum)
             d.setMemoryFlags(kib, config)
 
@@ -424,10 +562,13 @@ class LibvirtBackend:
 
     async def set_vcpus(self, uuid: str, count: int, live: bool) -> DomainInfo | None:
         config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        live_flag = libvirt.VIR_DOMAIN_AFFECT_LIVE
 
         def set_(d: libvirt.virDomain) -> None:
             if live and d.isActive():  # first: a refused live change changes nothing
-                _live(uuid, "vCPUs", lambda: d.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+                most = d.vcpusFlags(live_flag | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+                _within_live_maximum(uuid, "vCPUs", count, most, "")  # hot-plug up to it
+                _live(uuid, "vCPUs", lambda: d.setVcpusFlags(count, live_flag))
             # The persistent definition: maximum and current both become ``count`` (VCPUs shows
             # the maximum); current never above maximum, so the order depends on the direction.
             maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
@@ -463,7 +604,7 @@ class LibvirtBackend:
                 return fn(conn.lookupByUUIDString(uuid))
 
             return await self._call(
-                point, OperationFailedError, doing, uuid, on_domain, self._agent_executor
+                point, OperationFailedError, doing, uuid, on_domain, self._agent_workers
             )
 
         return GuestAgent(run, uuid, timeout_s)

@@ -434,6 +434,9 @@ def make_creator(
     return Creator(
         service,
         provisioner,
-        RecordStore(cfg.storage.state_dir),
+        RecordStore(
+            cfg.storage.state_dir,
+            (provisioner.config.image_dir, provisioner.config.shm_dir),  # what delete_plan names
+        ),
         lambda: config().timeouts.shutdown_s,
     )

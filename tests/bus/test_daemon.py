@@ -389,6 +389,7 @@ async def test_leftover_delete_records_are_rolled_forward_and_bad_ones_left(
     named = d.image_dir / "test_VARS.fd"
     named.write_bytes(b"vars")
     (d.image_dir / "unrelated.qcow2").write_bytes(b"keep")
+    (d.state_dir / "keep").write_bytes(b"keep")  # not neurond's to delete: not in image_dir
     good = {"uuid": TEST_UUID, "name": "test", "volumes": [], "files": [str(named)],
             "kind": "delete", "version": 1}  # fmt: skip
     (d.state_dir / f"delete-{TEST_UUID}.json").write_text(json.dumps(good))
@@ -404,9 +405,10 @@ async def test_leftover_delete_records_are_rolled_forward_and_bad_ones_left(
         "an unknown field": lambda u: {**good, "uuid": u, "wipe": True},
         "a missing field": lambda u: {"uuid": u, "volumes": [], "files": []},
         "a relative path": lambda u: {**good, "uuid": u, "files": ["images/../x"]},
+        "a file outside": lambda u: {**good, "uuid": u, "files": [str(d.state_dir / "keep")]},
         "another VM": lambda u: good,
     }
-    left = {}
+    left = {"keep": "keep"}
     for i, make in enumerate(bad.values()):
         uuid = f"{i:08x}-1111-4222-8333-944455556666"
         content = make(uuid)

@@ -14,8 +14,8 @@ import pytest
 import trustme
 from dbus_fast import Variant
 
-from tests.bus.conftest import ERR, MANAGER, MANAGER_PATH, VM, CallFailed, Client
-from tests.bus.test_create import QEMU, created
+from tests.bus.conftest import ERR, HOOKS, MANAGER, MANAGER_PATH, VM, CallFailed, Client
+from tests.bus.test_create import QEMU, create, created, wait_job
 from tests.bus.test_downloads import MiB, download, finish
 from tests.download_server import FileServer, sha256_of
 from tests.harness import Daemon, PrivateBus, gdbus
@@ -27,8 +27,9 @@ def server() -> Iterator[FileServer]:
         yield s
 
 
-def start(start_daemon: Any, tmp_path: Path, server: FileServer | None = None) -> Daemon:
-    """neurond on the test driver; its image directory is an ISO root; it trusts ``server``."""
+def start(start_daemon: Any, tmp_path: Path, server: FileServer | None = None, **kw: Any) -> Daemon:
+    """neurond on the test driver; its image directory is an ISO root; it trusts ``server``
+    (``kw``: Daemon's other arguments)."""
     images = tmp_path / "images"
     images.mkdir()
     config: dict[str, Any] = {
@@ -37,7 +38,7 @@ def start(start_daemon: Any, tmp_path: Path, server: FileServer | None = None) -
     }
     if server is not None:
         config["downloads"] = {"ca_bundle": str(server.write_ca(tmp_path / "ca.pem"))}
-    d: Daemon = start_daemon(config=config)
+    d: Daemon = start_daemon(config=config, **kw)
     d.image_dir = images  # what the tests look at
     return d
 
@@ -45,6 +46,14 @@ def start(start_daemon: Any, tmp_path: Path, server: FileServer | None = None) -
 async def list_images(client: Client) -> dict[str, dict[str, Any]]:
     (images,) = await client.call(MANAGER_PATH, MANAGER, "ListImages")
     return {i["name"].value: {k: v.value for k, v in i.items() if k != "name"} for i in images}
+
+
+async def downloaded(client: Client, server: FileServer, size: int) -> str:
+    """DownloadImage of ``dl.iso`` (``size`` bytes) with its sha256, completed; the sha256."""
+    digest = sha256_of(size)
+    job = await download(client, server.url("dl.iso", size=size), sha256=Variant("s", digest))
+    assert (await finish(client, job))["State"] == "completed"
+    return digest
 
 
 async def delete_fails(client: Client, name: str) -> CallFailed:
@@ -78,16 +87,13 @@ async def test_sha256_is_known_from_a_download_until_the_file_changes(
 ) -> None:
     d = start(start_daemon, tmp_path, server)
     size = 2 * MiB
-    digest = sha256_of(size)
-    job = await download(client, server.url("dl.iso", size=size), sha256=Variant("s", digest))
-    assert (await finish(client, job))["State"] == "completed"
+    digest = await downloaded(client, server, size)
     (d.image_dir / "copied.iso").write_bytes((d.image_dir / "dl.iso").read_bytes())
     images = await list_images(client)
     assert images["dl.iso"] == {"size": size, "sha256": digest, "used_by": []}
     assert images["copied.iso"] == {"size": size, "used_by": []}  # nobody verified it
     # the same download again completes at once (the file is there) and keeps the sha256
-    job = await download(client, server.url("dl.iso", size=size), sha256=Variant("s", digest))
-    assert (await finish(client, job))["State"] == "completed"
+    assert await downloaded(client, server, size) == digest
     assert (await list_images(client))["dl.iso"]["sha256"] == digest
     # changed by hand: the recorded checksum no longer counts
     with open(d.image_dir / "dl.iso", "ab") as f:
@@ -101,10 +107,7 @@ async def test_a_corrupt_index_only_loses_checksums(
 ) -> None:
     d = start(start_daemon, tmp_path, server)
     size = MiB
-    job = await download(
-        client, server.url("dl.iso", size=size), sha256=Variant("s", sha256_of(size))
-    )
-    assert (await finish(client, job))["State"] == "completed"
+    await downloaded(client, server, size)
     (d.state_dir / "images.json").write_bytes(index)
     assert await list_images(client) == {"dl.iso": {"size": size, "used_by": []}}
     await client.call(MANAGER_PATH, MANAGER, "DeleteImage", "s", ["dl.iso"])
@@ -127,10 +130,7 @@ async def test_delete_removes_the_file_and_its_checksum(
 ) -> None:
     d = start(start_daemon, tmp_path, server)
     size = MiB
-    job = await download(
-        client, server.url("dl.iso", size=size), sha256=Variant("s", sha256_of(size))
-    )
-    assert (await finish(client, job))["State"] == "completed"
+    await downloaded(client, server, size)
     assert "dl.iso" in json.loads((d.state_dir / "images.json").read_text())
     await client.call(MANAGER_PATH, MANAGER, "DeleteImage", "s", ["dl.iso"])
     assert not (d.image_dir / "dl.iso").exists()
@@ -196,6 +196,35 @@ async def test_an_image_in_use_is_refused_naming_the_vm(
     assert (await list_images(client))["install.iso"]["used_by"] == []
     await client.call(MANAGER_PATH, MANAGER, "DeleteImage", "s", ["install.iso"])
     assert not iso.exists()
+
+
+async def test_an_image_a_vm_being_created_refers_to_is_in_use(
+    start_daemon: Any, client: Client, tmp_path: Path
+) -> None:
+    """A VM being created (its define step held by a delay fault: no domain yet) uses its ISO,
+    kernel and initrd already: deleting one would leave the new VM without it."""
+    faults = {"NEUROND_FAULTS": "create.define:delay:3"}
+    d = start(start_daemon, tmp_path, extra_args=HOOKS, env=faults)
+    for name in ("install.iso", "vmlinuz", "initrd.img"):
+        (d.image_dir / name).write_bytes(b"\0" * 4096)
+    iso, kernel, initrd = (str(d.image_dir / n) for n in ("install.iso", "vmlinuz", "initrd.img"))
+    vm, job = await create(client, name="new", iso=iso)
+    direct, direct_job = await create(client, name="direct", kernel=kernel, initrd=initrd)
+    images = await list_images(client)
+    assert images["install.iso"]["used_by"] == [vm]
+    assert images["vmlinuz"]["used_by"] == images["initrd.img"]["used_by"] == [direct]
+    for name, user in (("install.iso", "new"), ("vmlinuz", "direct"), ("initrd.img", "direct")):
+        e = await delete_fails(client, name)
+        assert e.name == ERR + "InvalidState", e
+        assert f"'{user}'" in e.text, e.text
+    assert await wait_job(client, job) == ("completed", "")
+    assert await wait_job(client, direct_job) == ("completed", "")
+    assert (await list_images(client))["install.iso"]["used_by"] == [vm]
+    assert sorted(p.name for p in d.image_dir.iterdir() if not p.name.endswith(".qcow2")) == [
+        "initrd.img",
+        "install.iso",
+        "vmlinuz",
+    ]
 
 
 async def test_an_image_being_downloaded_is_refused(

@@ -9,16 +9,19 @@ tests/integration/test_media_real.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dbus_fast.aio import MessageBus
 
 from neurond.bus.service import ACTIONS, media_action
 from neurond.core.states import VMState
 from tests.bus.conftest import (
     ERR,
+    FAKE_POLKIT_POLICY,
     HOOKS,
     MANAGER,
     MANAGER_PATH,
@@ -26,6 +29,8 @@ from tests.bus.conftest import (
     VM,
     CallFailed,
     Client,
+    FakePolkit,
+    NobodyClient,
 )
 from tests.bus.test_create import QEMU, create, created, vm_props, wait_job
 from tests.harness import Daemon, PrivateBus, gdbus
@@ -203,6 +208,48 @@ async def test_nobody_is_refused_the_action_of_the_state(
         assert out.returncode != 0 and "PermissionDenied" in out.stderr, out.stderr
         assert f"org.neuronos.neuron1.{action}" in out.stderr, out.stderr
     assert await vm_props(client, TEST_PATH) == before
+
+
+async def test_a_vm_started_while_media_wait_is_not_changed_on_the_old_authorization(
+    tmp_path: Path,
+) -> None:
+    """ChangeMedia on a shut-off VM is authorized as vm-manage; if the VM starts before the
+    change is made (here: while ChangeMedia waits for a DeleteImage, whose scan of the domains
+    is held by a delay fault), that authorization is not the one a running VM needs
+    (vm-lifecycle): the call ends in InvalidState and the medium stays. The caller is nobody
+    with a (fake) polkit that grants vm-manage only."""
+    fake = FakePolkit(lambda action: (action.endswith(".vm-manage"), False))
+    faults = {"NEUROND_FAULTS": "virt.domain_files:delay:3"}
+    with PrivateBus(extra_config=FAKE_POLKIT_POLICY) as bus:
+        await fake.start(bus.address)
+        images = tmp_path / "images"
+        images.mkdir()
+        for name in (ISO_A, ISO_B, "old.img"):
+            (images / name).write_bytes(b"\0" * 4096)
+        storage = {"image_dir": str(images), "iso_roots": [str(images)]}
+        config = {**QEMU, "storage": storage, "authorization": {"polkit": True}}
+        root = Client(await MessageBus(bus_address=bus.address).connect())
+        with Daemon(bus, config=config, extra_args=HOOKS, env=faults):
+            nobody = await NobodyClient().start(bus.address)
+            try:
+                vm = await created(root, name="media", iso=str(images / ISO_A))
+                delete = asyncio.ensure_future(
+                    root.call(MANAGER_PATH, MANAGER, "DeleteImage", "s", ["old.img"])
+                )
+                change = asyncio.ensure_future(
+                    nobody.call(vm, VM, "ChangeMedia", "s", [str(images / ISO_B)])
+                )
+                await root.wait_for(lambda: len(fake.checks) == 1, timeout=10)
+                assert fake.checks[0][0] == "org.neuronos.neuron1.vm-manage", fake.checks
+                await root.call(vm, VM, "Start", "a{sv}", [{}])
+                assert await change == ERR + "InvalidState"
+                await delete
+                assert await root.get(vm, VM, "Media") == str(images / ISO_A)
+                assert await root.get(vm, VM, "State") == "running"
+            finally:
+                await nobody.close()
+                root.bus.disconnect()
+                fake.close()
 
 
 @pytest.fixture

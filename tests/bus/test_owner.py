@@ -20,15 +20,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbus_fast.aio import MessageBus
 
 from neurond.bus.spec import VM_IFACE
 from neurond.domain.parse import METADATA_NS
-from tests.bus.conftest import ERR, TEST_PATH
+from tests.bus.conftest import (
+    ERR,
+    FAKE_POLKIT_POLICY,
+    MANAGER_PATH,
+    TEST_PATH,
+    VM,
+    VM_METHOD_ARGS,
+    Client,
+    FakePolkit,
+    NobodyClient,
+    gdbus_error,
+)
+from tests.bus.test_create import created
 from tests.harness import Daemon, PrivateBus, make_test_node_xml, node_uri
 from tests.polkit import OWNER_RULES, POLICY, PrivatePolkit
 
 PREFIX = "org.neuronos.Neuron1"
-MANAGER_PATH = "/org/neuronos/Neuron1/Manager"
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 USER_A = pwd.getpwnam("nobody")
 USER_B = pwd.getpwnam("daemon")
@@ -91,7 +103,7 @@ class Bus:
     def error(self, user: pwd.struct_passwd | None, path: str, method: str, *args: str) -> str:
         result = self.call(user, path, method, *args)
         assert result.returncode != 0, result.stdout
-        return result.stderr.split("GDBus.Error:", 1)[1].split(":", 1)[0]
+        return gdbus_error(result.stderr)
 
     def get(self, path: str, prop: str) -> str:
         out = self.ok(None, path, "Get", _iface(path), prop)
@@ -241,32 +253,12 @@ polkit.addRule(function(action, subject) {
   return polkit.Result.NO;
 });
 """
-VM_ARGS: dict[str, tuple[str, ...]] = {
-    "Start": ("{}",),
-    "Shutdown": ("{}",),
-    "ForceOff": (),
-    "Reboot": (),
-    "Reset": (),
-    "Pause": (),
-    "Resume": (),
-    "SetAutostart": ("true",),
-    "Delete": ("{}",),
-    "GetDisplay": (),
-    "GuestPing": (),
-    "GuestInfo": (),
-    "GuestExec": ("'/bin/true'", "@as []", "{}"),
-    "Rename": ("'other'",),
-    "SetMemory": ("512", "{}"),
-    "SetVCPUs": ("1", "{}"),
-    "ChangeMedia": ("'/srv/iso/x.iso'",),
-    "EjectMedia": (),
-}
 
 
 def test_every_vm_method_passes_the_owner_to_polkit() -> None:
-    assert set(VM_ARGS) == {m.name for m in VM_IFACE.methods}, "a VM method without args here"
+    assert set(VM_METHOD_ARGS) == {m.name for m in VM_IFACE.methods}, "a VM method without args"
     with polkit_and_neurond(rules=DETAILS_RULES, shipped=False) as owners:
-        for method, args in VM_ARGS.items():
+        for method, args in VM_METHOD_ARGS.items():
             assert owners.error(USER_A, TEST_PATH, method, *args) == INTERACTIVE_REQUIRED, method
         assert owners.get(TEST_PATH, "State") == "running"
 
@@ -280,3 +272,33 @@ def test_the_rules_name_only_actions_of_the_policy() -> None:
         "org.neuronos.neuron1.guest",
     }
     assert named <= declared
+
+
+async def test_a_retained_grant_is_not_inherited_by_a_vm_that_takes_the_name() -> None:
+    """polkit's auth_admin_keep: neurond keeps a retained grant per caller, action and VM. A
+    VM that later bears the same name (the old one renamed, a new one created) is another VM,
+    perhaps of another owner: polkit is asked again. The (fake) authority grants the first
+    check with retention and refuses every later one."""
+    fake = FakePolkit(lambda action: (not fake.checks[1:], True))
+    with PrivateBus(extra_config=FAKE_POLKIT_POLICY) as bus:
+        await fake.start(bus.address)
+        root = Client(await MessageBus(bus_address=bus.address).connect())
+        with Daemon(bus, config={"authorization": {"polkit": True}}):
+            nobody = await NobodyClient().start(bus.address)
+            try:
+                autostart = (VM, "SetAutostart", "b", [True])
+                assert await nobody.call(TEST_PATH, *autostart) == "ok"  # granted and kept
+                assert await nobody.call(TEST_PATH, *autostart) == "ok"  # polkit not asked
+                assert len(fake.checks) == 1, fake.checks
+                # "test" goes away under another name; a new VM takes the name "test".
+                await root.call(TEST_PATH, VM, "ForceOff")
+                await root.call(TEST_PATH, VM, "Rename", "s", ["old-test"])
+                await root.call(TEST_PATH, VM, "SetAutostart", "b", [False])
+                new = await created(root, name="test")
+                assert await nobody.call(new, *autostart) == ERR + "PermissionDenied"
+                assert len(fake.checks) == 2 and fake.checks[1][1]["vm"] == "test", fake.checks
+                assert await root.get(new, VM, "Autostart") is False
+            finally:
+                await nobody.close()
+                root.bus.disconnect()
+                fake.close()

@@ -23,33 +23,13 @@ from tests.bus.conftest import (
     TEST_PATH,
     TEST_UUID,
     VM,
+    VM_METHOD_ARGS,
     Client,
+    gdbus_error,
 )
 from tests.harness import Daemon, PrivateBus, busctl, gdbus
 
 PERMISSION_DENIED = ERR + "PermissionDenied"
-
-# Every VM method that needs a polkit action, with gdbus arguments a caller would pass.
-LIFECYCLE_ARGS: dict[str, tuple[str, ...]] = {
-    "Start": ("{}",),
-    "Shutdown": ("{}",),
-    "ForceOff": (),
-    "Reboot": (),
-    "Reset": (),
-    "Pause": (),
-    "Resume": (),
-    "Delete": ("{}",),
-    "SetAutostart": ("true",),
-    "GetDisplay": (),
-    "GuestPing": (),
-    "GuestInfo": (),
-    "GuestExec": ("/bin/true", "[]", "{}"),
-    "Rename": ("'renamed-by-nobody'",),
-    "SetMemory": ("512", "{}"),
-    "SetVCPUs": ("1", "{}"),
-    "ChangeMedia": ("'/var/lib/neurond/images/x.iso'",),
-    "EjectMedia": (),
-}
 
 
 def call(
@@ -59,14 +39,6 @@ def call(
         bus, "call", "--dest", NAME, "--object-path", path, "--method", f"{iface}.{member}",
         *args, as_nobody=as_nobody, timeout=15,
     )  # fmt: skip
-
-
-def error_name(out: subprocess.CompletedProcess[str]) -> str:
-    """The D-Bus error name from gdbus's stderr ("" when it printed none)."""
-    marker = "GDBus.Error:"
-    if marker not in out.stderr:
-        return ""
-    return out.stderr.split(marker, 1)[1].split(":", 1)[0].strip()
 
 
 async def vm_snapshot(client: Client) -> dict[str, object]:
@@ -79,8 +51,8 @@ async def vm_snapshot(client: Client) -> dict[str, object]:
 def test_every_action_method_is_covered_here() -> None:
     """A VM method that gains a polkit action must be added to the refusal tests below."""
     guarded = {member for (iface, member) in ACTIONS if iface == VM}
-    assert guarded == set(LIFECYCLE_ARGS), (
-        f"VM methods with an action: {sorted(guarded)}; tested here: {sorted(LIFECYCLE_ARGS)}"
+    assert guarded == set(VM_METHOD_ARGS), (
+        f"VM methods with an action: {sorted(guarded)}; tested here: {sorted(VM_METHOD_ARGS)}"
     )
 
 
@@ -90,11 +62,11 @@ async def test_nobody_is_refused_every_action_method_and_nothing_changes(
     before = await vm_snapshot(client)
     assert before["props"]["State"] == "running", before  # Pause, Shutdown, … would act
     failures = []
-    for method, args in LIFECYCLE_ARGS.items():
+    for method, args in VM_METHOD_ARGS.items():
         out = call(private_bus, TEST_PATH, VM, method, *args, as_nobody=True)
         if out.returncode == 0:
             failures.append(f"{method}: succeeded for nobody: {out.stdout.strip()}")
-        elif error_name(out) != PERMISSION_DENIED:
+        elif gdbus_error(out.stderr) != PERMISSION_DENIED:
             failures.append(f"{method}: {out.stderr.strip()}")
         # The message is for a person: it names who was refused what.
         elif "65534" not in out.stderr or "org.neuronos.neuron1." not in out.stderr:
@@ -128,7 +100,7 @@ async def test_root_may_call_every_lifecycle_method(
         return value
 
     async def run(method: str, expect_state: str) -> subprocess.CompletedProcess[str]:
-        out = call(private_bus, TEST_PATH, VM, method, *LIFECYCLE_ARGS[method], as_nobody=False)
+        out = call(private_bus, TEST_PATH, VM, method, *VM_METHOD_ARGS[method], as_nobody=False)
         assert out.returncode == 0, f"{method} as root: {out.stderr}"
         for _ in range(200):  # a Shutdown job ends shortly after its reply
             if await state() == expect_state:
@@ -198,7 +170,7 @@ async def test_nobody_cannot_cancel_a_job_root_started(
     props = "org.freedesktop.DBus.Properties"
     out = call(private_bus, job, "org.neuronos.Neuron1.Job", "Cancel", as_nobody=True)
     assert out.returncode != 0, out.stdout
-    assert error_name(out) == PERMISSION_DENIED, out.stderr
+    assert gdbus_error(out.stderr) == PERMISSION_DENIED, out.stderr
     assert "cancel-job-other-user" in out.stderr, out.stderr
     (after,) = await client.call(job, props, "GetAll", "s", ["org.neuronos.Neuron1.Job"])
     # The refused Cancel did not end the job cancelled (it ran to its own end, or still runs).

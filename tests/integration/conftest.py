@@ -80,6 +80,14 @@ def virsh_sync(*args: str, check: bool = True, timeout: float = 60.0) -> str:
     return out.stdout
 
 
+def undefine_sync(name: str) -> None:
+    """Destroy and undefine a domain, whatever it has (the flags neurond uses: plain undefine
+    fails for a UEFI domain); gone already is fine."""
+    virsh_sync("destroy", name, check=False)
+    flags = ["--managed-save", "--snapshots-metadata", "--checkpoints-metadata", "--nvram", "--tpm"]
+    virsh_sync("undefine", *flags, name, check=False)
+
+
 async def virsh(*args: str, check: bool = True, timeout: float = 60.0) -> str:
     """virsh without blocking the event loop (the test's D-Bus client keeps reading signals)."""
     proc = await asyncio.create_subprocess_exec(
@@ -199,8 +207,7 @@ class LibvirtDaemons:
 def remove_leftover_domains() -> None:
     for name in virsh_sync("list", "--all", "--name").split():
         if name.startswith(PREFIX):
-            virsh_sync("destroy", name, check=False)
-            virsh_sync("undefine", name, check=False)
+            undefine_sync(name)
 
 
 # -- the guest -------------------------------------------------------------------------------
@@ -344,8 +351,7 @@ def domains(libvirt_daemons: LibvirtDaemons, guest: Guest) -> Iterator[MakeDomai
     if libvirt_daemons.libvirtd_pid() is None:  # a test failed while libvirtd was down
         libvirt_daemons.start_libvirtd()
     for dom in made:
-        virsh_sync("destroy", dom.name, check=False)
-        virsh_sync("undefine", dom.name, check=False)
+        undefine_sync(dom.name)
 
 
 def define_xml(xml: str) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Variant
 
-from tests.bus.conftest import ERR, HOOKS, JOB, MANAGER, MANAGER_PATH, VM, CallFailed, Client
+from tests.bus.conftest import ERR, HOOKS, JOB, VM, CallFailed, Client
+from tests.bus.test_create import create, spec
 from tests.fixtures.sysfs import expected
 from tests.harness import Daemon, PrivateBus, to_toml
 from tests.integration.conftest import (
@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     URI,
     Guest,
     LibvirtDaemons,
+    undefine_sync,
     virsh,
     virsh_list_all,
     virsh_sync,
@@ -43,16 +44,6 @@ STEPS = ["record", "volume", "nvram", "shm", "define", "autostart", "finish"]
 
 def name() -> str:
     return f"{PREFIX}c-{uuidlib.uuid4().hex[:8]}"
-
-
-def spec(**kw: Any) -> dict[str, Variant]:
-    sigs = {bool: "b", int: "t", str: "s"}
-    return {k: v if isinstance(v, Variant) else Variant(sigs[type(v)], v) for k, v in kw.items()}
-
-
-async def create(client: Client, **kw: Any) -> tuple[str, str]:
-    vm, job = await client.call(MANAGER_PATH, MANAGER, "CreateVM", "a{sv}", [spec(**kw)])
-    return vm, job
 
 
 async def wait_job(client: Client, job: str, timeout: float = 60.0) -> tuple[str, str, str]:
@@ -118,11 +109,9 @@ def real(
         return d
 
     yield start
-    # What a failed test left: UEFI domains need --nvram (the session's plain undefine fails).
-    for leftover in virsh_sync("list", "--all", "--name").split():
+    for leftover in virsh_sync("list", "--all", "--name").split():  # what a failed test left
         if leftover.startswith(PREFIX + "c-"):
-            virsh_sync("destroy", leftover, check=False)
-            virsh_sync("undefine", "--nvram", "--tpm", leftover, check=False)
+            undefine_sync(leftover)
     for d in started:
         pool = pool_of(d.image_dir)
         if pool is not None:
@@ -278,22 +267,28 @@ async def test_delete_without_storage_keeps_the_disk(
     assert os.listdir(d.image_dir) == [f"{vm_name}-{uuid_of(vm)}.qcow2"]  # NVRAM gone
 
 
-async def test_linux_vm_with_the_tiny_guest_starts(
-    real: Callable[..., Daemon], client: Client, guest: Guest, media: Path
-) -> None:
-    iso_root = media
-    shutil.copy(guest.kernel, iso_root / "vmlinuz")
-    shutil.copy(guest.initrd_plain, iso_root / "initrd.img")
-    d = real(config={"storage": {"iso_roots": [str(iso_root)]}, "timeouts": {"shutdown_s": 3}})
-    d.dir.chmod(0o755)
-    d.image_dir.chmod(0o755)
-    vm_name = name()
+async def create_tiny_linux(client: Client, guest: Guest, media: Path, vm_name: str) -> str:
+    """CreateVM of a Linux VM that boots the tiny guest's kernel and initrd (copied into
+    ``media``, an ISO root of the daemon); its path, once the job completed."""
+    shutil.copy(guest.kernel, media / "vmlinuz")
+    shutil.copy(guest.initrd_plain, media / "initrd.img")
     vm, job = await create(
         client, name=vm_name, profile="linux", memory_mib=256, vcpus=1, disk_gib=1,
-        kernel=str(iso_root / "vmlinuz"), initrd=str(iso_root / "initrd.img"),
+        kernel=str(media / "vmlinuz"), initrd=str(media / "initrd.img"),
         cmdline="console=ttyS0 quiet",
     )  # fmt: skip
     assert (await wait_job(client, job))[:2] == ("completed", "")
+    return vm
+
+
+async def test_linux_vm_with_the_tiny_guest_starts(
+    real: Callable[..., Daemon], client: Client, guest: Guest, media: Path
+) -> None:
+    d = real(config={"storage": {"iso_roots": [str(media)]}, "timeouts": {"shutdown_s": 3}})
+    d.dir.chmod(0o755)
+    d.image_dir.chmod(0o755)
+    vm_name = name()
+    vm = await create_tiny_linux(client, guest, media, vm_name)
     await client.call(vm, VM, "Start", "a{sv}", [{}])
     deadline = asyncio.get_running_loop().time() + 30
     while await client.get(vm, VM, "State") != "running":

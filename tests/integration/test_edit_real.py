@@ -8,6 +8,7 @@ Run only under the shared lock (other sessions use the same libvirtd):
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -21,7 +22,15 @@ from neurond.domain.parse import METADATA_NS
 from tests.bus.conftest import ERR, MANAGER, MANAGER_PATH, VM, CallFailed, Client
 from tests.bus.test_owner import CREATE_RULES, USER_A, USER_B, Bus
 from tests.harness import Daemon, PrivateBus
-from tests.integration.conftest import PREFIX, URI, LibvirtDaemons, MakeDomain, virsh, virsh_sync
+from tests.integration.conftest import (
+    PREFIX,
+    URI,
+    LibvirtDaemons,
+    MakeDomain,
+    define_xml_async,
+    virsh,
+    virsh_sync,
+)
 from tests.integration.test_create_real import pool_of
 from tests.polkit import PrivatePolkit
 
@@ -73,26 +82,118 @@ async def test_persistent_memory_and_vcpus(
     assert await client.get(dom.path, VM, "VCPUs") == 2
 
 
-async def test_live_changes_on_a_running_guest(
+def memory_mib(xml: str, tag: str) -> int:
+    """<memory> (the maximum) or <currentMemory> of a domain's XML, in MiB."""
+    el = ET.fromstring(xml).find(tag)
+    assert el is not None and el.text is not None, xml
+    assert el.get("unit", "KiB") == "KiB", xml  # libvirt writes KiB
+    return int(el.text) // 1024
+
+
+async def wait_balloon(uuid: str, mib: int) -> None:
+    """Wait until libvirt's live <currentMemory> is ``mib``: libvirt takes it from QEMU's
+    BALLOON_CHANGE events, sent once the guest's virtio_balloon driver has moved the balloon."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while (now := memory_mib(await virsh("dumpxml", uuid), "currentMemory")) != mib:
+        assert asyncio.get_running_loop().time() < deadline, f"live memory stays {now} MiB"
+        await asyncio.sleep(0.1)
+
+
+def vcpucount(out: str) -> dict[str, int]:
+    """`virsh vcpucount` as {"maximum config": 2, "current live": 1, ...}."""
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return {f"{what} {where}": int(n) for what, where, n in rows}
+
+
+async def test_live_changes_refused_without_balloon_or_spare_vcpus(
     neurond: StartNeurond, client: Client, domains: MakeDomain
 ) -> None:
-    """The tiny guest has no balloon (memballoon none) and boots without hot-pluggable vCPUs:
-    live changes are NotSupported with QEMU's reason, and nothing changes; without live the
-    persistent definition changes while the guest runs on."""
+    """The plain tiny guest (memballoon none, <vcpu>1</vcpu>) cannot change live: SetMemory
+    live is NotSupported with QEMU's reason (no balloon device), SetVCPUs live to 2 is
+    NotSupported naming the running VM's maximum of 1; neither changes anything. Without live
+    the persistent definition changes while the guest runs on."""
     dom = domains()
     neurond()
     await client.call(dom.path, VM, "Start", "a{sv}", [{}])
-    for member, sig, value in (("SetMemory", "t", 192), ("SetVCPUs", "u", 2)):
-        try:
-            await client.call(dom.path, VM, member, sig + "a{sv}", [value, LIVE])
-            print(f"{member} live {value}: accepted")
-        except CallFailed as e:
-            assert e.name == ERR + "NotSupported", e
-            print(f"{member} live {value}: {e.text}")
+    with pytest.raises(CallFailed) as e:
+        await client.call(dom.path, VM, "SetMemory", "ta{sv}", [192, LIVE])
+    assert e.value.name == ERR + "NotSupported", e.value
+    assert "balloon" in e.value.text, e.value.text
+    with pytest.raises(CallFailed) as e:
+        await client.call(dom.path, VM, "SetVCPUs", "ua{sv}", [2, LIVE])
+    assert e.value.name == ERR + "NotSupported", e.value
+    assert "maximum of 1," in e.value.text, e.value.text
+    for xml in (await virsh("dumpxml", dom.uuid), await inactive_xml(dom.uuid)):
+        assert memory_mib(xml, "memory") == memory_mib(xml, "currentMemory") == 256, xml
+        assert re.search(r"<vcpu[^>]*>1</vcpu>", xml), xml
+
     await client.call(dom.path, VM, "SetMemory", "ta{sv}", [320, {}])
-    xml = await inactive_xml(dom.uuid)
-    assert re.search(r"<memory unit='KiB'>327680</memory>", xml), xml
+    assert memory_mib(await inactive_xml(dom.uuid), "memory") == 320
+    assert memory_mib(await virsh("dumpxml", dom.uuid), "memory") == 256  # the running VM's
+    assert await client.get(dom.path, VM, "MemoryMiB") == 256
     assert await client.get(dom.path, VM, "State") == "running"
+
+
+async def test_live_balloon_and_vcpu_hotplug(
+    neurond: StartNeurond, client: Client, domains: MakeDomain
+) -> None:
+    """A guest with a virtio balloon (the tiny guest loads virtio_balloon), 384 MiB maximum,
+    256 MiB current, and <vcpu current='1'>2</vcpu>. SetMemory live balloons down and back up
+    to the maximum: libvirt's live <currentMemory> follows, and the persistent definition gets
+    the value as maximum and current (the memory of the next boot). Above the running maximum
+    live is NotSupported naming it, and nothing changes. MemoryMiB is the configured maximum:
+    the running VM's until it stops, then the persistent one (PropertiesChanged).
+
+    SetVCPUs live 2: under software emulation (TCG, no KVM here) QEMU hot-plugs the vCPU
+    through ACPI and libvirt counts it live (from QEMU's vCPU threads); the guest kernel sees
+    the new CPU offline until something in it onlines it (no udev rule in the tiny guest)."""
+    dom = domains(define=False)
+    root = ET.fromstring(dom.xml)
+    memory, vcpu, balloon = root.find("memory"), root.find("vcpu"), root.find(".//memballoon")
+    assert memory is not None and vcpu is not None and balloon is not None
+    memory.text = "384"
+    ET.SubElement(root, "currentMemory", unit="MiB").text = "256"
+    vcpu.text, vcpu.attrib["current"] = "2", "1"
+    balloon.set("model", "virtio")
+    await define_xml_async(ET.tostring(root, encoding="unicode"))
+    neurond()
+    await client.call(dom.path, VM, "Start", "a{sv}", [{}])
+    await dom.wait_ready()  # virtio_balloon is loaded before the ready line
+    assert await client.get(dom.path, VM, "MemoryMiB") == 384
+    assert await client.get(dom.path, VM, "VCPUs") == 2
+
+    for mib in (192, 384, 320):  # down, up to the maximum, down again
+        await client.call(dom.path, VM, "SetMemory", "ta{sv}", [mib, LIVE])
+        await wait_balloon(dom.uuid, mib)
+        assert memory_mib(await virsh("dumpxml", dom.uuid), "memory") == 384
+        persistent = await inactive_xml(dom.uuid)
+        assert memory_mib(persistent, "memory") == memory_mib(persistent, "currentMemory") == mib
+        assert await client.get(dom.path, VM, "MemoryMiB") == 384  # the running maximum
+        print(f"SetMemory live {mib}: live and persistent <currentMemory> {mib} MiB")
+
+    with pytest.raises(CallFailed) as e:
+        await client.call(dom.path, VM, "SetMemory", "ta{sv}", [385, LIVE])
+    assert e.value.name == ERR + "NotSupported", e.value
+    assert "maximum of 384 MiB" in e.value.text, e.value.text
+    print(f"SetMemory live 385: {e.value.text}")
+    assert memory_mib(await virsh("dumpxml", dom.uuid), "currentMemory") == 320
+    assert memory_mib(await inactive_xml(dom.uuid), "memory") == 320
+
+    assert vcpucount(await virsh("vcpucount", dom.uuid))["current live"] == 1
+    await client.call(dom.path, VM, "SetVCPUs", "ua{sv}", [2, LIVE])
+    counts = vcpucount(await virsh("vcpucount", dom.uuid))
+    print(f"SetVCPUs live 2: virsh vcpucount {counts}")
+    assert counts == {
+        "maximum config": 2, "maximum live": 2, "current config": 2, "current live": 2,
+    }  # fmt: skip
+    assert await client.get(dom.path, VM, "VCPUs") == 2
+    assert await client.get(dom.path, VM, "State") == "running"
+
+    await client.call(dom.path, VM, "ForceOff")
+    await client.wait_for(
+        lambda: any(c.get("MemoryMiB") == 320 for c in client.changes(dom.path)), timeout=30
+    )
+    assert await client.get(dom.path, VM, "VCPUs") == 2
 
 
 def disks(xml: str) -> list[tuple[str, str]]:

@@ -74,11 +74,17 @@ def start(neurond: StartNeurond, isos: Path) -> Daemon:
     return neurond(storage=storage)
 
 
+def cdrom_vm(neurond: StartNeurond, domains: MakeDomain, isos: Path) -> GuestDomain:
+    """The guest with ``ISO_A`` in its CD-ROM, and neurond started (``isos``: its images)."""
+    dom = with_cdrom(domains(define=False), isos / ISO_A)
+    start(neurond, isos)
+    return dom
+
+
 async def test_media_of_a_shut_off_vm_change_persistently(
     neurond: StartNeurond, client: Client, domains: MakeDomain, isos: Path
 ) -> None:
-    dom = with_cdrom(domains(define=False), isos / ISO_A)
-    start(neurond, isos)
+    dom = cdrom_vm(neurond, domains, isos)
     started = time.monotonic()
     await client.call(dom.path, VM, "ChangeMedia", "s", [str(isos / ISO_B)])
     print(f"ChangeMedia, shut off: {time.monotonic() - started:.3f} s")  # measured, not asserted
@@ -98,8 +104,7 @@ async def test_media_of_a_shut_off_vm_change_persistently(
 async def test_media_of_a_running_and_a_paused_vm_change_live_and_persistently(
     neurond: StartNeurond, client: Client, domains: MakeDomain, isos: Path
 ) -> None:
-    dom = with_cdrom(domains(define=False), isos / ISO_A)
-    start(neurond, isos)
+    dom = cdrom_vm(neurond, domains, isos)
     await client.call(dom.path, VM, "Start", "a{sv}", [{}])
     await dom.wait_ready()
     started = time.monotonic()
@@ -136,8 +141,7 @@ async def test_a_running_vm_without_cdrom_is_not_supported(
 async def test_images_in_use_are_refused_until_ejected(
     neurond: StartNeurond, client: Client, domains: MakeDomain, isos: Path
 ) -> None:
-    dom = with_cdrom(domains(define=False), isos / ISO_A)
-    start(neurond, isos)
+    dom = cdrom_vm(neurond, domains, isos)
     await client.call(dom.path, VM, "Start", "a{sv}", [{}])
     started = time.monotonic()
     (images,) = await client.call(MANAGER_PATH, MANAGER, "ListImages")

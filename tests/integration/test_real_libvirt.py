@@ -72,6 +72,15 @@ def state_changes(client: Client, path: str, since: int = 0) -> list[tuple[str, 
     return out
 
 
+def object_signals(path: str) -> tuple[Callable[[Message], bool], Callable[[Message], bool]]:
+    """wait_signal predicates: InterfacesAdded and InterfacesRemoved of the object ``path``."""
+
+    def of(member: str) -> Callable[[Message], bool]:
+        return lambda m: m.member == member and m.path == ROOT and m.body[0] == path
+
+    return of("InterfacesAdded"), of("InterfacesRemoved")
+
+
 async def wait_signal(
     client: Client, pred: Callable[[Message], bool], since: int, timeout: float, what: str
 ) -> tuple[Message, float]:
@@ -338,11 +347,7 @@ async def test_virsh_changes_are_seen_on_the_bus_within_a_second(
     dom = domains(define=False)
     neurond()
 
-    def added(m: Message) -> bool:
-        return m.member == "InterfacesAdded" and m.path == ROOT and m.body[0] == dom.path
-
-    def removed(m: Message) -> bool:
-        return m.member == "InterfacesRemoved" and m.path == ROOT and m.body[0] == dom.path
+    added, removed = object_signals(dom.path)
 
     since = mark(client)
     await define_xml_async(dom.xml)
@@ -446,11 +451,7 @@ async def test_virsh_redefine_rename_and_transient_domains(
     await expect_error("VMNotFound", client.call(MANAGER_PATH, MANAGER, "GetVM", "s", [old_name]))
 
     # A transient domain started with `virsh create` appears running and goes when destroyed.
-    def added(m: Message) -> bool:
-        return m.member == "InterfacesAdded" and m.path == ROOT and m.body[0] == transient.path
-
-    def removed(m: Message) -> bool:
-        return m.member == "InterfacesRemoved" and m.path == ROOT and m.body[0] == transient.path
+    added, removed = object_signals(transient.path)
 
     since = mark(client)
     with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="nrdtest-") as f:

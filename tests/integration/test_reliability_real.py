@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from tests.integration.test_create_real import (
     QEMU,
     assert_nothing_left,
     create,
+    create_tiny_linux,
     media,
     name,
     real,
@@ -63,6 +63,7 @@ from tests.integration.test_create_real import (
 from tests.integration.test_real_libvirt import (
     list_vms,
     mark,
+    object_signals,
     state_changes,
     wait_connected,
     wait_signal,
@@ -119,11 +120,7 @@ async def lifecycle_events_arrive(client: Client, domains: MakeDomain, cycle: in
     virsh appears and goes as InterfacesAdded / InterfacesRemoved (no resync happens now)."""
     probe = domains(define=False)
 
-    def added(m: Message) -> bool:
-        return m.member == "InterfacesAdded" and m.path == ROOT and m.body[0] == probe.path
-
-    def removed(m: Message) -> bool:
-        return m.member == "InterfacesRemoved" and m.path == ROOT and m.body[0] == probe.path
+    added, removed = object_signals(probe.path)
 
     since = mark(client)
     await define_xml_async(probe.xml)
@@ -400,8 +397,6 @@ async def test_sigkill_mid_delete_of_a_running_vm_then_a_fresh_start(
     """A running VM (the tiny guest) is deleted with force; neurond is killed before the stop
     (the next start must destroy the running domain) or after it (domain shut off, still
     defined). The next start removes the domain and its volume and nothing else."""
-    shutil.copy(guest.kernel, media / "vmlinuz")
-    shutil.copy(guest.initrd_plain, media / "initrd.img")
     d = real(
         faults=f"{point}:delay:60",
         config={"storage": {"iso_roots": [str(media)]}, "timeouts": {"shutdown_s": 1}},
@@ -409,12 +404,7 @@ async def test_sigkill_mid_delete_of_a_running_vm_then_a_fresh_start(
     d.dir.chmod(0o755)  # qemu (libvirt-qemu) opens the disk
     d.image_dir.chmod(0o755)
     vm_name = name()
-    vm, job = await create(
-        client, name=vm_name, profile="linux", memory_mib=256, vcpus=1, disk_gib=1,
-        kernel=str(media / "vmlinuz"), initrd=str(media / "initrd.img"),
-        cmdline="console=ttyS0 quiet",
-    )  # fmt: skip
-    assert (await wait_job(client, job))[:2] == ("completed", "")
+    vm = await create_tiny_linux(client, guest, media, vm_name)
     uuid = uuid_of(vm)
     await client.call(vm, VM, "Start", "a{sv}", [{}])
     await wait_until("running", lambda: virsh_list_all().get(vm_name) == "running")
