@@ -124,6 +124,11 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
             fut.set_exception(error)
 
 
+def _state_of(dom: libvirt.virDomain) -> DomainState:
+    """The domain's state alone (one RPC)."""
+    return DomainState(*from_libvirt(*dom.state()))
+
+
 class _Workers:
     """Threads for blocking libvirt calls, at most ``size``, started as needed.
 
@@ -415,7 +420,7 @@ class LibvirtBackend:
         def get(conn: libvirt.virConnect) -> DomainInfo | DomainState | None:
             try:
                 if event_dom is not None and not full:
-                    return DomainState(*from_libvirt(*event_dom.state()))  # one RPC, not five
+                    return _state_of(event_dom)  # one RPC, not five
                 return self._info(conn.lookupByUUIDString(uuid))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
@@ -454,28 +459,27 @@ class LibvirtBackend:
         """``fn`` on the domain, then the domain read in the same executor job (a transition
         applies it without a second trip to the worker thread); None when that read fails
         or the domain is gone: the core then reads it again."""
-        fresh: list[DomainInfo] = []
+        return await self._act_reading(point, fallback, doing, uuid, fn, self._info)
+
+    async def _act_reading(
+        self,
+        point: str,
+        fallback: type[NeuronError],
+        doing: str,
+        uuid: str,
+        fn: Callable[[libvirt.virDomain], object],
+        read: Callable[[libvirt.virDomain], T],
+    ) -> T | None:
+        """``_act`` with the read of one's choice (the state alone after a pause or resume,
+        which change nothing else)."""
+        fresh: list[T] = []
 
         def act(d: libvirt.virDomain) -> None:
             fn(d)
             with contextlib.suppress(libvirt.libvirtError):
-                fresh.append(self._info(d))
+                fresh.append(read(d))
 
         await self._on_domain(point, fallback, doing, uuid, act)
-        return fresh[0] if fresh else None
-
-    async def _act_on_state(
-        self, point: str, doing: str, uuid: str, fn: Callable[[libvirt.virDomain], object]
-    ) -> DomainState | None:
-        """``_act`` for a pause or resume, which change nothing but the state: read only it."""
-        fresh: list[DomainState] = []
-
-        def act(d: libvirt.virDomain) -> None:
-            fn(d)
-            with contextlib.suppress(libvirt.libvirtError):
-                fresh.append(DomainState(*from_libvirt(*d.state())))
-
-        await self._on_domain(point, OperationFailedError, doing, uuid, act)
         return fresh[0] if fresh else None
 
     async def start(self, uuid: str, paused: bool) -> DomainInfo | None:
@@ -503,10 +507,14 @@ class LibvirtBackend:
         )
 
     async def suspend(self, uuid: str) -> DomainState | None:
-        return await self._act_on_state("virt.suspend", "pause", uuid, lambda d: d.suspend())
+        return await self._act_reading(
+            "virt.suspend", OperationFailedError, "pause", uuid, lambda d: d.suspend(), _state_of
+        )
 
     async def resume(self, uuid: str) -> DomainState | None:
-        return await self._act_on_state("virt.resume", "resume", uuid, lambda d: d.resume())
+        return await self._act_reading(
+            "virt.resume", OperationFailedError, "resume", uuid, lambda d: d.resume(), _state_of
+        )
 
     async def reboot(self, uuid: str) -> DomainInfo | None:
         return await self._act(

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dbus_fast import Message, Variant
@@ -115,6 +115,27 @@ async def wait_state(
 
     _, took = await wait_signal(client, pred, since, timeout, f"State {state}/{reason} on {path}")
     return took
+
+
+async def virsh_pause_and_resume(
+    client: Client,
+    path: str,
+    name: str,
+    then: Callable[[str, str], Awaitable[None]] | None = None,
+) -> None:
+    """virsh suspend, then resume: each seen as exactly one state change, nothing after it;
+    ``then(state, reason)`` after each."""
+    for command, state, reason in [
+        ("suspend", "paused", "user"),
+        ("resume", "running", "unpaused"),
+    ]:
+        since = mark(client)
+        await virsh(command, name)
+        await wait_state(client, path, state, reason, since, OUTSIDE_CHANGE_S)
+        await asyncio.sleep(0.3)  # anything else that follows would show now
+        assert state_changes(client, path, since) == [(state, reason)], command
+        if then is not None:
+            await then(state, reason)
 
 
 async def wait_connected(client: Client, value: bool, since: int, timeout: float) -> float:
@@ -362,15 +383,7 @@ async def test_virsh_changes_are_seen_on_the_bus_within_a_second(
     await dom.wait_ready()
     assert state_changes(client, dom.path, since) == [("running", "booted")]
 
-    for command, state, reason in [
-        ("suspend", "paused", "user"),
-        ("resume", "running", "unpaused"),
-    ]:
-        since = mark(client)
-        await virsh(command, dom.name)
-        await wait_state(client, dom.path, state, reason, since, OUTSIDE_CHANGE_S)
-        await asyncio.sleep(0.3)  # anything else that follows would show now
-        assert state_changes(client, dom.path, since) == [(state, reason)], command
+    await virsh_pause_and_resume(client, dom.path, dom.name)
 
     since = mark(client)
     await virsh("shutdown", "--mode", "acpi", dom.name)
