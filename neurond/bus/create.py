@@ -13,6 +13,7 @@ from dbus_fast import Variant
 from neurond import validate
 from neurond.bus.router import Call
 from neurond.core.create import SPEC_KEYS, Creator, Settings, settings_from
+from neurond.core.images import files_lock
 from neurond.core.states import Method
 from neurond.core.vm import VM as CoreVM
 
@@ -75,11 +76,14 @@ async def create_vm(svc: BusService, call: Call, spec: dict[str, Variant]) -> li
     settings = read_spec(spec)
     uid = await svc.auth.authorize(call.sender, ACTION, settings.name)
     svc._check_job_limit(uid)
-    settings = await asyncio.to_thread(_confine, settings, svc)
-    hostdevs: tuple[str, ...] = ()
-    if settings.gpu:
-        hostdevs = await asyncio.to_thread(_gpu_functions, svc, settings.gpu)
-    vm, job = await _creator(svc).create(settings, hostdevs, uid)
+    # DeleteImage waits meanwhile: the ISO, kernel and initrd checked here stay until the new
+    # VM is registered, from when on they count as used (Creator.creating).
+    async with files_lock:
+        settings = await asyncio.to_thread(_confine, settings, svc)
+        hostdevs: tuple[str, ...] = ()
+        if settings.gpu:
+            hostdevs = await asyncio.to_thread(_gpu_functions, svc, settings.gpu)
+        vm, job = await _creator(svc).create(settings, hostdevs, uid)
     return [vm_path(vm.uuid), job_path(job)]
 
 

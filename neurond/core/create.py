@@ -305,6 +305,7 @@ class Creator:
                 details={"uri": svc.backend.uri},
             )
         self._check_name(settings.name)
+        await _fault("create.host")
         host = await self.prov.host_facts(settings)
         uuid = str(uuidlib.uuid4())
         plan = self.prov.plan(uuid, settings, host)

@@ -5,6 +5,7 @@ it. Downloads come from the loopback HTTPS server of tests/download_server.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +226,28 @@ async def test_an_image_a_vm_being_created_refers_to_is_in_use(
         "install.iso",
         "vmlinuz",
     ]
+
+
+async def test_an_image_checked_by_a_create_not_yet_registered_is_in_use(
+    start_daemon: Any, client: Client, tmp_path: Path
+) -> None:
+    """Between CreateVM checking its ISO and the new VM appearing (held here by a delay fault
+    before the host check), DeleteImage waits and then refuses: the ISO is not deleted."""
+    d = start(
+        start_daemon, tmp_path, extra_args=HOOKS, env={"NEUROND_FAULTS": "create.host:delay:1"}
+    )
+    (d.image_dir / "install.iso").write_bytes(b"\0" * 4096)
+    creating = asyncio.ensure_future(
+        create(client, name="new", iso=str(d.image_dir / "install.iso"))
+    )
+    await asyncio.sleep(0.3)  # CreateVM has checked the ISO and waits at create.host
+    assert not creating.done()
+    e = await delete_fails(client, "install.iso")
+    assert e.name == ERR + "InvalidState", e
+    assert "'new'" in e.text, e.text
+    vm, job = await creating
+    assert await wait_job(client, job) == ("completed", "")
+    assert (await list_images(client))["install.iso"]["used_by"] == [vm]
 
 
 async def test_an_image_being_downloaded_is_refused(
