@@ -7,6 +7,7 @@ from typing import Protocol
 
 from neurond.core.guest import Display, ExecRequest, ExecResult, GuestInfo
 from neurond.core.states import VMState
+from neurond.domain.parse import DomainSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,28 @@ class DomainInfo:
     owner: int = 0  # the uid that created it through neurond; 0 when defined elsewhere
     profile: str = ""  # the NeuronOS profile it was created with; "" when defined elsewhere
     media: str = ""  # the file in the first CD-ROM drive, "" when empty or without one
+
+    @classmethod
+    def of(
+        cls, summary: DomainSummary, state: VMState, reason: str, persistent: bool, autostart: bool
+    ) -> DomainInfo:
+        """The snapshot from a domain's parsed XML and what libvirt says beside it."""
+        return cls(
+            uuid=summary.uuid,
+            name=summary.name,
+            state=state,
+            reason=reason,
+            persistent=persistent,
+            autostart=autostart,
+            vcpus=summary.vcpus,
+            memory_mib=summary.memory_mib,
+            gpu_address=summary.gpu_address,
+            looking_glass=summary.looking_glass,
+            guest_agent=summary.guest_agent,
+            owner=summary.owner,
+            profile=summary.profile,
+            media=summary.media,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,21 +319,8 @@ class Creator:
         )
         plan.xml = to_xml(settings, host, files, owner=uid)
         plan.autostart = settings.autostart
-        summary = summarize(plan.xml)
-        info = DomainInfo(
-            uuid=uuid,
-            name=settings.name,
-            state=VMState.CREATING,
-            reason="create",
-            persistent=True,
-            autostart=settings.autostart,
-            vcpus=summary.vcpus,
-            memory_mib=summary.memory_mib,
-            gpu_address=summary.gpu_address,
-            looking_glass=summary.looking_glass,
-            guest_agent=summary.guest_agent,
-            owner=summary.owner,
-            profile=summary.profile,
+        info = DomainInfo.of(
+            summarize(plan.xml), VMState.CREATING, "create", True, settings.autostart
         )
         self._check_name(settings.name)  # again: another create may have taken it meanwhile
         vm = VM(info)

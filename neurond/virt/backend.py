@@ -381,21 +381,8 @@ class LibvirtBackend:
         summary = self._summary(dom)
         state, reason = dom.state()
         ours, reason_name = from_libvirt(state, reason)
-        return DomainInfo(
-            uuid=summary.uuid,
-            name=summary.name,
-            state=ours,
-            reason=reason_name,
-            persistent=bool(dom.isPersistent()),
-            autostart=bool(dom.autostart()),
-            vcpus=summary.vcpus,
-            memory_mib=summary.memory_mib,
-            gpu_address=summary.gpu_address,
-            looking_glass=summary.looking_glass,
-            guest_agent=summary.guest_agent,
-            owner=summary.owner,
-            profile=summary.profile,
-            media=summary.media,
+        return DomainInfo.of(
+            summary, ours, reason_name, bool(dom.isPersistent()), bool(dom.autostart())
         )
 
     async def list_domains(self) -> list[DomainInfo]:

@@ -291,6 +291,22 @@ async def test_paths_confined_to_iso_roots_through_symlinks(
     await created(client, name="iso2", iso=str(root / "inside-link.iso"))
 
 
+
+async def test_a_new_vm_shows_its_install_media_from_its_announcement(
+    start_daemon: Any, client: Client, tmp_path: Path
+) -> None:
+    """Media is the install ISO already in InterfacesAdded (state creating), and the create
+    completing changes nothing about it: no PropertiesChanged carries Media."""
+    root = tmp_path / "isos"
+    root.mkdir()
+    (root / "install.iso").write_bytes(b"\0" * 4096)
+    start_daemon(config={**QEMU, "storage": {"iso_roots": [str(root)]}})
+    vm = await created(client, name="with-iso", iso=str(root / "install.iso"))
+    added = [s for s in client.signals if s.member == "InterfacesAdded" and s.body[0] == vm]
+    assert added[0].body[1][VM]["Media"].value == str(root / "install.iso")
+    assert await client.get(vm, VM, "Media") == str(root / "install.iso")
+    assert [c for c in client.changes(vm) if "Media" in c] == []
+
 # ---- hardware ----------------------------------------------------------------------------
 
 
